@@ -1,0 +1,78 @@
+"""Entry point: `python -m noisystudent stage=NAME key=value ...` (Hydra), also under
+`accelerate launch -m noisystudent ...` / torchrun (every process composes the same config;
+only the main process writes shared files)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import NoisyStudentError
+
+log = logging.getLogger("noisystudent")
+
+_MODULES = {
+    "teacher": "teacher",
+    "pseudolabel": "pseudolabel",
+    "student": "student",
+    "evaluate": "evaluate",
+    "iterate": "iterate",
+    "import": "importer",
+}
+
+
+def make_accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if cfg.precision not in ("no", "bf16", "fp16"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"precision={cfg.precision!r}: use no, bf16 or fp16")
+    accelerator = Accelerator(mixed_precision=cfg.precision)
+    set_seed(int(cfg.seed) + accelerator.process_index)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    return accelerator
+
+
+def run_stage(cfg: DictConfig, accelerator=None):
+    name = cfg.stage.name
+    if name not in _MODULES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"stage={name!r} is not a stage: use one of {', '.join(_MODULES)}")
+    module = importlib.import_module(f".stages.{_MODULES[name]}", __package__)
+    return module.run(cfg, accelerator or make_accelerator(cfg))
+
+
+@hydra.main(version_base="1.3", config_path="pkg://noisystudent.conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    OmegaConf.resolve(cfg)
+    run_stage(cfg)
+
+
+def _user_message(exc: BaseException) -> str:
+    """Our message without the DataLoader-worker traceback wrapper that PyTorch adds."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text.strip()
+
+
+def main() -> None:
+    try:
+        _hydra_main()
+    except NoisyStudentError as e:
+        print(f"noisystudent error: {_user_message(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

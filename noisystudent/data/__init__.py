@@ -1,0 +1,1 @@
+"""Data: shard patterns and streams, transforms, the embedded digits demo, image import."""

@@ -1,0 +1,184 @@
+"""The one training loop: teacher, student (and any fine-tune) all run through `fit`.
+
+What differs between stages is only the batch stream and the loss (see `TrainJob`); the loop
+owns optimizer, schedule, EMA, mixed precision, checkpoint/resume and progress reporting."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from .config import learning_rate
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainJob:
+    """What a stage hands the loop."""
+
+    step_dir: Path
+    model: torch.nn.Module
+    epochs: float
+    steps_per_epoch: int
+    global_batch: int
+    # seed -> endless iterator of batches (dicts with "images" plus what `loss` reads)
+    batches: Callable[[int], Iterator[dict]]
+    # (logits, batch on device) -> (loss, parts to log)
+    loss: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+    config_hash: str = ""
+    extra_summary: dict = field(default_factory=dict)
+
+
+def _optimizer(model, optim_cfg, lr: float):
+    extra = {k: v for k, v in optim_cfg.items() if k not in ("name", "lr", "lr_per_256", "weight_decay", "momentum")}
+    kwargs = {"momentum": float(optim_cfg.momentum)} if "momentum" in optim_cfg else {}
+    return create_optimizer_v2(model, opt=optim_cfg.name, lr=lr, weight_decay=float(optim_cfg.weight_decay),
+                               **kwargs, **extra)
+
+
+def _scheduler(optimizer, sched_cfg, epochs: float, steps_per_epoch: int):
+    extra = {k: v for k, v in sched_cfg.items() if k != "name"}
+    scheduler, _ = create_scheduler_v2(optimizer, sched=sched_cfg.name, num_epochs=max(1, round(epochs)),
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch, **extra)
+    return scheduler
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill mid-write leaves the previous
+    checkpoint intact and never a truncated file under the real name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
+    """Train job.model; return (EMA model, training summary). Resumes from job.step_dir/checkpoint.pt."""
+    device = accelerator.device
+    model = job.model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    lr = learning_rate(cfg.optim, job.global_batch)
+    optimizer = _optimizer(model, cfg.optim, lr)
+    scheduler = _scheduler(optimizer, cfg.sched, job.epochs, job.steps_per_epoch)
+    ema = ModelEmaV3(model, decay=float(cfg.train.ema_decay), use_warmup=bool(cfg.train.ema_warmup))
+    total_steps = max(1, round(job.epochs * job.steps_per_epoch))
+    if cfg.max_steps:
+        total_steps = min(total_steps, int(cfg.max_steps))
+
+    ckpt_path = job.step_dir / CHECKPOINT
+    step, images_seen, corrupt, prior_wall = 0, 0, 0, 0.0
+    if cfg.resume == "auto" and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, images_seen, corrupt, prior_wall = (state["step"], state["images_seen"], state["corrupt"],
+                                                  state["wall_s"])
+        log.info("resuming %s at step %d / %d", job.step_dir, step, total_steps)
+    elif cfg.resume not in ("auto", "never"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"resume={cfg.resume!r}: use auto or never")
+    # load_state before prepare would be lost on wrapping; states are loaded into the bare
+    # modules above, and prepare only wraps them (DDP) without touching the values.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler.step_update(num_updates=step)
+
+    log.info("training %s: %d steps (%.3g epochs x %d), global batch %d, lr %.3g, %d process(es)",
+             job.step_dir.name, total_steps, job.epochs, job.steps_per_epoch, job.global_batch, lr,
+             accelerator.num_processes)
+
+    def snapshot():
+        return {
+            "model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+            "images_seen": images_seen, "corrupt": corrupt, "wall_s": prior_wall + time.time() - t0,
+            "config_hash": job.config_hash,
+        }
+
+    # Seed the stream with the start step so a resumed run does not replay the same batches.
+    batches = job.batches(int(cfg.seed) * 1_000_003 + step * 7919 + accelerator.process_index)
+    model.train()
+    t0 = time.time()
+    loop_images, loop_t0 = 0, None
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process,
+               desc=job.step_dir.name, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    ckpt_every = int(cfg.train.ckpt_every_steps)
+    last_loss = float("nan")
+    while step < total_steps:
+        batch = next(batches)
+        corrupt += batch["n_corrupt"]
+        if batch["images"].numel() == 0:
+            continue
+        if loop_t0 is None:
+            loop_t0 = time.time()  # images/s excludes worker start-up
+        images = batch["images"].to(device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with accelerator.autocast():
+            logits = model(images)
+        loss, parts = job.loss(logits, batch)
+        accelerator.backward(loss)
+        if cfg.train.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        scheduler.step_update(num_updates=step)
+        ema.update(accelerator.unwrap_model(model), step=step)
+        n = images.shape[0] * accelerator.num_processes
+        images_seen += n
+        loop_images += n
+        last_loss = float(loss.detach())
+        bar.update(1)
+        if step % int(cfg.train.log_every_steps) == 0 or step == total_steps:
+            ips = loop_images / max(time.time() - loop_t0, 1e-9)
+            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{ips:.0f}", refresh=False)
+        end_of_epoch = step % job.steps_per_epoch == 0
+        if step % ckpt_every == 0 or end_of_epoch or step == total_steps:
+            state = snapshot()
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_path, state)
+            accelerator.wait_for_everyone()
+    bar.close()
+    wall = time.time() - t0
+    corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
+    summary = {
+        "steps": step,
+        "epochs": step / job.steps_per_epoch,
+        "global_batch": job.global_batch,
+        "lr": lr,
+        "processes": accelerator.num_processes,
+        "images_seen": images_seen,
+        "images_per_sec": loop_images / max(time.time() - loop_t0, 1e-9) if loop_t0 else 0.0,
+        "train_wall_s": prior_wall + wall,
+        "final_loss": last_loss,
+        "corrupt_skipped": corrupt_total,
+        "config_hash": job.config_hash,
+        **job.extra_summary,
+    }
+    return ema.module, summary

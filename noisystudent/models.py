@@ -1,0 +1,125 @@
+"""timm model creation, starting weights, the exported model of a finished step, size checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError, MissingInputError
+from .rundir import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INFO = "model.json"
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ConfigError(
+            f"model.name={name!r} is not a timm model.{hint} List them with "
+            "`python -c \"import timm; print(timm.list_models('*efficientnet*'))\"`"
+        )
+
+
+def create_model(name: str, num_classes: int, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 pretrained: bool = False, pretrained_file: str | None = None,
+                 checkpoint: str | None = None) -> torch.nn.Module:
+    """A timm model with `num_classes` outputs and the given noise (dropout before the classifier,
+    stochastic depth). Starting weights: timm's pretrained ones (from `pretrained_file` when given,
+    offline), or any checkpoint / state dict; a classifier of another class count is re-initialised."""
+    check_model_name(name)
+    kwargs = {"num_classes": int(num_classes), "drop_rate": float(drop_rate)}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = float(drop_path_rate)
+    if pretrained_file:
+        if not os.path.isfile(pretrained_file):
+            raise ConfigError(f"init.file={pretrained_file!r} does not exist")
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+    try:
+        model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.name={name!r} does not accept this setting: {e}") from None
+    except (OSError, RuntimeError) as e:
+        if pretrained and not pretrained_file:
+            raise ConfigError(
+                f"could not fetch pretrained weights for {name!r} ({type(e).__name__}: {e}). Offline, point "
+                "init.file at a local weights file (.pth/.safetensors), or set init.pretrained=false"
+            ) from None
+        raise
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch file loaded with weights_only=True.
+
+    Accepts plain state dicts and the usual wrappers (state_dict_ema / model_ema / state_dict / model)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"weights file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same advice
+        raise ConfigError(f"cannot read weights file {path!r} ({type(e).__name__}: {e}); give a "
+                          ".safetensors file or a torch state dict") from None
+    for key in ("state_dict_ema", "model_ema", "ema", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
+    """Load matching weights; tensors whose shape differs (a classifier for another class count)
+    are skipped and stay freshly initialised. Returns what was skipped, for the summary."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    for k in mismatched:
+        del state[k]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if len(missing) == len(own):
+        raise ConfigError(f"weights file {path!r} has no tensor that fits {type(model).__name__}: wrong model?")
+    if mismatched or missing:
+        log.info("loaded %s: re-initialised %d tensors of another shape (%s), %d missing",
+                 path, len(mismatched), ", ".join(mismatched[:4]), len(missing))
+    return {"reinitialised": mismatched, "missing": list(missing), "unexpected": list(unexpected)}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def export_model(step_dir: str | os.PathLike, model: torch.nn.Module, info: dict) -> None:
+    """The finished step's model (EMA weights) for the next stages: safetensors + a small json."""
+    step_dir = Path(step_dir)
+    step_dir.mkdir(parents=True, exist_ok=True)
+    tmp = step_dir / f".{MODEL_WEIGHTS}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, step_dir / MODEL_WEIGHTS)
+    atomic_write_bytes(step_dir / MODEL_INFO, json.dumps(info, indent=2).encode())
+
+
+def load_exported_model(step_dir: str | os.PathLike, command_hint: str) -> tuple[torch.nn.Module, dict]:
+    """The model a finished step exported, built without noise (for labeling / evaluation)."""
+    step_dir = Path(step_dir)
+    if not (step_dir / "_SUCCESS").exists() or not (step_dir / MODEL_WEIGHTS).exists():
+        raise MissingInputError(f"no finished model at {step_dir} (expected {step_dir / MODEL_WEIGHTS} and "
+                                f"{step_dir / '_SUCCESS'}); make it with `{command_hint}`")
+    info = json.loads((step_dir / MODEL_INFO).read_text())
+    model = timm.create_model(info["name"], num_classes=info["num_classes"])
+    model.load_state_dict(load_file(str(step_dir / MODEL_WEIGHTS)))
+    return model.eval(), info

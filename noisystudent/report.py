@@ -1,0 +1,60 @@
+"""run_dir/report.json, report.md and accuracy.png: one row per finished model (teacher = round 0)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .rundir import atomic_write_bytes, write_json
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOT = "accuracy.png"
+
+
+def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str) -> dict:
+    """rows: dicts with round, role, model, params, top1, top5, per_class_top1 (teacher first)."""
+    run_dir = Path(run_dir)
+    teacher_top1 = next((r["top1"] for r in rows if r["round"] == 0), None)
+    for r in rows:
+        r["gain_over_teacher"] = None if teacher_top1 is None else r["top1"] - teacher_top1
+    report = {"eval": eval_pattern, "rounds": rows}
+    write_json(run_dir / REPORT_JSON, report)
+    _plot(run_dir / PLOT, rows)
+    atomic_write_bytes(run_dir / REPORT_MD, markdown_table(rows, eval_pattern).encode())
+    return report
+
+
+def markdown_table(rows: list[dict], eval_pattern: str = "") -> str:
+    lines = ["# noisystudent report", ""]
+    if eval_pattern:
+        lines += [f"Evaluated on `{eval_pattern}`.", ""]
+    lines += ["| round | role | model | params | top-1 | top-5 | gain over teacher |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gain = "" if r.get("gain_over_teacher") is None or r["round"] == 0 else f"{100 * r['gain_over_teacher']:+.2f}"
+        lines.append(f"| {r['round']} | {r['role']} | {r['model']} | {r['params']:,} | {100 * r['top1']:.2f} | "
+                     f"{100 * r['top5']:.2f} | {gain} |")
+    lines += ["", f"![accuracy per round]({PLOT})", ""]
+    return "\n".join(lines)
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    rounds = [r["round"] for r in rows]
+    ax.plot(rounds, [100 * r["top1"] for r in rows], "o-", label="top-1")
+    ax.plot(rounds, [100 * r["top5"] for r in rows], "s--", label="top-5")
+    ax.set_xticks(rounds, [("teacher" if r == 0 else f"round {r}") for r in rounds])
+    ax.set_ylabel("eval accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

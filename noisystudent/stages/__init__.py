@@ -1,0 +1,3 @@
+"""One module per stage; each reads cfg + run_dir and writes its step directory."""
+
+STAGES = ("teacher", "pseudolabel", "student", "evaluate", "iterate", "import")
