@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SUCCESS = "_SUCCESS"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 SUMMARY = "summary.json"
 
 
@@ -56,6 +58,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

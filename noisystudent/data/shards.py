@@ -152,7 +152,7 @@ def collate_counting(samples: list[dict]) -> dict:
         "urls": [s["url"] for s in good],
         "labels": torch.tensor([s["label"] for s in good], dtype=torch.long),
         "n_corrupt": len(samples) - len(good),
-        "corrupt_keys": [f"{s['url']}:{s['key']}" for s in samples if s["image"] is None][:10],
+        "corrupt_keys": [s["key"] for s in samples if s["image"] is None],
     }
     batch["images"] = torch.stack([s["image"] for s in good]) if good else torch.empty(0)
     if good and "target" in good[0]:
@@ -187,7 +187,8 @@ def training_stream(
     )
 
 
-def ordered_stream(urls: list[str], decoder: SampleDecoder, batch_size: int, split_by_node: bool = True) -> wds.DataPipeline:
+def ordered_stream(urls: list[str], decoder: SampleDecoder, batch_size: int,
+                   split_by_node: bool = True) -> wds.DataPipeline:
     """One pass, in shard order, each shard read by exactly one worker of exactly one process.
 
     Used for evaluation (each eval image is counted exactly once across processes)."""

@@ -1,0 +1,144 @@
+"""Pseudo-label files: one per unlabeled shard, next to nothing but labels (images are never copied).
+
+Format: safetensors (byte-for-byte deterministic, read array by array without loading the rest):
+    keys_utf8 uint8[*], key_offsets int64[n+1]   the sample keys, in shard order
+    topk_ids int32[n, k], topk_probs float16[n, k]
+    confidence float32[n] (top-1 probability), argmax int32[n]
+    keyhash uint64[n]     a stable hash of the key: deterministic tie-break for balancing
+    corrupt_utf8 / corrupt_offsets   keys of images that did not decode (skipped)
+metadata: shard, num_classes, topk, temperature, hard, images, corrupt.
+Written under a temporary name and renamed when whole, so a file that exists is complete."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
+
+from .errors import DataError
+from .rundir import atomic_write_bytes
+
+SUFFIX = ".labels.safetensors"
+ERROR_SUFFIX = ".error.json"
+
+
+def shard_stem(url: str) -> str:
+    name = os.path.basename(url.rstrip("/"))
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def label_paths(urls: list[str], labels_dir: str | os.PathLike) -> dict[str, Path]:
+    """url -> its label file. Shard file names must be unique (they name the label files)."""
+    out: dict[str, Path] = {}
+    seen: dict[str, str] = {}
+    for u in urls:
+        stem = shard_stem(u)
+        if stem in seen:
+            raise DataError(f"data.unlabeled: shards {seen[stem]} and {u} have the same file name; label files "
+                            "are named after shards, so give the shards unique names")
+        seen[stem] = u
+        out[u] = Path(labels_dir) / f"{stem}{SUFFIX}"
+    return out
+
+
+def key_hash(keys: list[str]) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
+                    dtype=np.uint64)
+
+
+def _encode_strings(items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    raw = [s.encode() for s in items]
+    offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in raw], out=offsets[1:])
+    return np.frombuffer(b"".join(raw), dtype=np.uint8).copy(), offsets
+
+
+def _decode_strings(buf: np.ndarray, offsets: np.ndarray) -> list[str]:
+    data = buf.tobytes()
+    return [data[offsets[i]:offsets[i + 1]].decode() for i in range(len(offsets) - 1)]
+
+
+def probs_to_topk(probs, k: int):
+    """(top-k ids int32, top-k probs float16, confidence float32, argmax int32) from [n, C] probabilities."""
+    import torch
+
+    k = min(k, probs.shape[1])
+    vals, ids = torch.topk(probs.float(), k, dim=1)
+    return (ids.to(torch.int32).cpu().numpy(), vals.to(torch.float16).cpu().numpy(),
+            vals[:, 0].float().cpu().numpy(), ids[:, 0].to(torch.int32).cpu().numpy())
+
+
+def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_ids: np.ndarray,
+                     topk_probs: np.ndarray, confidence: np.ndarray, argmax: np.ndarray,
+                     corrupt_keys: list[str], meta: dict) -> None:
+    kb, ko = _encode_strings(keys)
+    cb, co = _encode_strings(corrupt_keys)
+    n = len(keys)
+    k = int(meta["topk"])
+    tensors = {
+        "keys_utf8": kb, "key_offsets": ko,
+        "topk_ids": np.ascontiguousarray(topk_ids, dtype=np.int32).reshape(n, -1) if n else np.zeros((0, k), np.int32),
+        "topk_probs": np.ascontiguousarray(topk_probs, dtype=np.float16).reshape(n, -1) if n
+        else np.zeros((0, k), np.float16),
+        "confidence": np.ascontiguousarray(confidence, dtype=np.float32),
+        "argmax": np.ascontiguousarray(argmax, dtype=np.int32),
+        "keyhash": key_hash(keys),
+        "corrupt_utf8": cb, "corrupt_offsets": co,
+    }
+    metadata = {k: str(v) for k, v in meta.items()}
+    metadata.update(shard=shard, images=str(n), corrupt=str(len(corrupt_keys)))
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+class LabelFile:
+    """Lazy reader: each array is read only when asked for."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._f = safe_open(str(self.path), framework="np")
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"label file {self.path} cannot be read ({e}); delete it and rerun stage=pseudolabel "
+                            "to label its shard again") from None
+        self.meta = self._f.metadata() or {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._f.get_tensor(name)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def hard(self) -> bool:
+        return self.meta.get("hard") == "True"
+
+    def keys(self) -> list[str]:
+        return _decode_strings(self["keys_utf8"], self["key_offsets"])
+
+    def corrupt_keys(self) -> list[str]:
+        return _decode_strings(self["corrupt_utf8"], self["corrupt_offsets"])
+
+
+def soft_targets(topk_ids: np.ndarray, topk_probs: np.ndarray, num_classes: int, hard: bool) -> np.ndarray:
+    """[n, C] target distributions from top-k: one-hot of the top class for hard labels; for soft
+    labels the top-k probabilities, with the mass the file did not keep spread evenly over the
+    other classes (exact when topk >= num_classes)."""
+    n, k = topk_ids.shape
+    out = np.zeros((n, num_classes), dtype=np.float32)
+    if n == 0:
+        return out
+    rows = np.arange(n)[:, None]
+    if hard:
+        out[np.arange(n), topk_ids[:, 0]] = 1.0
+        return out
+    probs = topk_probs.astype(np.float32)
+    rest = np.clip(1.0 - probs.sum(axis=1, keepdims=True), 0.0, None)
+    if num_classes > k:
+        out += rest / (num_classes - k)
+    out[rows, topk_ids] = probs
+    return out / out.sum(axis=1, keepdims=True)
