@@ -53,8 +53,13 @@ def run_stage(cfg: DictConfig, accelerator=None):
 @hydra.main(version_base="1.3", config_path="pkg://noisystudent.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger().setLevel(logging.INFO)
-    OmegaConf.resolve(cfg)
-    run_stage(cfg)
+    try:
+        OmegaConf.resolve(cfg)
+        run_stage(cfg)
+    except NoisyStudentError as e:
+        # caught here, inside hydra.main, which would otherwise print it with its own advice and exit 1
+        print(f"noisystudent error: {_user_message(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _user_message(exc: BaseException) -> str:
@@ -67,11 +72,7 @@ def _user_message(exc: BaseException) -> str:
 
 
 def main() -> None:
-    try:
-        _hydra_main()
-    except NoisyStudentError as e:
-        print(f"noisystudent error: {_user_message(e)}", file=sys.stderr)
-        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":

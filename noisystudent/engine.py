@@ -88,6 +88,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
 
     ckpt_path = job.step_dir / CHECKPOINT
     step, images_seen, corrupt, prior_wall = 0, 0, 0, 0.0
+    resumed_from = None
     if cfg.resume == "auto" and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
@@ -96,6 +97,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         scheduler.load_state_dict(state["scheduler"])
         step, images_seen, corrupt, prior_wall = (state["step"], state["images_seen"], state["corrupt"],
                                                   state["wall_s"])
+        resumed_from = step
         log.info("resuming %s at step %d / %d", job.step_dir, step, total_steps)
     elif cfg.resume not in ("auto", "never"):
         from .errors import ConfigError
@@ -169,6 +171,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
     summary = {
         "steps": step,
+        "resumed_from_step": resumed_from,
         "epochs": step / job.steps_per_epoch,
         "global_batch": job.global_batch,
         "lr": lr,

@@ -15,6 +15,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
         return {}
     result = import_images(src, dest, cfg.stage.kind, int(cfg.stage.samples_per_shard))
     key = "data.labeled" if result["kind"] == "labeled" else "data.unlabeled"
-    print(f"{result['images']} images in {result['shards']} shard(s); use {key}='{result['pattern']}'"
+    # quoted twice: once for the shell, once for Hydra's override grammar (braces need quotes)
+    print(f"{result['images']} images in {result['shards']} shard(s); use '{key}=\"{result['pattern']}\"'"
           + (f" data.num_classes={result['num_classes']}" if result["num_classes"] else ""))
     return result

@@ -21,7 +21,7 @@ from ..engine import TrainJob
 from ..errors import ConfigError, DataError, MissingInputError
 from ..labels import LabelFile, label_paths, soft_targets
 from ..losses import noisy_student_loss
-from ..models import MODEL_INFO, MODEL_WEIGHTS, count_params, create_model, load_weights
+from ..models import MODEL_INFO, MODEL_WEIGHTS, check_model_name, count_params, create_model, load_weights
 from ..presets import student_model
 from ..rundir import is_done, model_dir_for_round, pseudolabel_dir, read_json, student_dir
 from ..selection import Selection
@@ -86,13 +86,14 @@ def run(cfg: DictConfig, accelerator) -> dict:
     done = skip_if_done(cfg, out)
     if done is not None:
         return done
+    preset = student_model(cfg, int(cfg.round))
+    check_model_name(preset.name)
     prepare_data(cfg, accelerator)
     nc = num_classes(cfg)
     selection, sel_json, unl_urls, paths = load_selection(cfg, nc)
     labeled = shards(cfg, "labeled")
     shards(cfg, "eval")
     s = cfg.student
-    preset = student_model(cfg, int(cfg.round))
     drop_rate = preset.drop_rate if s.drop_rate is None else s.drop_rate
     drop_path = preset.drop_path_rate if s.drop_path_rate is None else s.drop_path_rate
     model = create_model(preset.name, nc, drop_rate, drop_path)

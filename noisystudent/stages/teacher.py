@@ -9,7 +9,7 @@ from ..data.shards import SampleDecoder, count_samples, make_loader, training_st
 from ..data.transforms import model_norm, train_transform
 from ..engine import TrainJob
 from ..losses import noisy_student_loss
-from ..models import create_model
+from ..models import check_model_name, create_model
 from ..rundir import teacher_dir
 from .common import finish_training, num_classes, prepare_data, shards, skip_if_done
 
@@ -30,6 +30,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
     done = skip_if_done(cfg, out)
     if done is not None:
         return done
+    check_model_name(cfg.model.name)  # config errors before any data is touched
     prepare_data(cfg, accelerator)
     nc = num_classes(cfg)
     labeled = shards(cfg, "labeled")

@@ -1,0 +1,64 @@
+"""The teacher stage: it learns, it is skipped once finished, and it resumes after a kill."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import FAST, run
+
+from noisystudent.engine import CHECKPOINT, load_checkpoint
+from noisystudent.rundir import read_json
+
+
+def test_teacher_learns_and_writes_its_step(teacher_run):
+    out = teacher_run / "teacher"
+    for name in ("_SUCCESS", "summary.json", "model.safetensors", "model.json", CHECKPOINT):
+        assert (out / name).exists(), name
+    s = read_json(out / "summary.json")
+    # 10 classes: chance is 0.1; a few dozen steps on 100 labeled digits get far above it
+    assert s["top1"] > 0.4, s["top1"]
+    assert s["top5"] > s["top1"]
+    assert s["eval"]["images"] == 539
+    for key in ("epochs", "images_per_sec", "wall_s", "config_hash", "steps", "corrupt_skipped"):
+        assert key in s
+    ckpt = load_checkpoint(out / CHECKPOINT)  # weights_only=True
+    assert ckpt["step"] == s["steps"]
+    assert set(ckpt) >= {"model", "ema", "optimizer", "scheduler", "step"}
+
+
+def test_finished_step_is_skipped_unless_forced(teacher_copy, digits_root):
+    summary = teacher_copy / "teacher" / "summary.json"
+    before = summary.read_text()
+    mtime = summary.stat().st_mtime_ns
+    run("stage=teacher", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST)
+    assert summary.stat().st_mtime_ns == mtime and summary.read_text() == before
+    run("stage=teacher", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST, "max_steps=3", "force=true")
+    assert read_json(summary)["steps"] == 3
+    assert read_json(summary)["resumed_from_step"] is None
+
+
+def test_resume_after_kill_continues_at_saved_step(tmp_path, digits_root):
+    """SIGKILL a real training process after its first checkpoint, rerun: it resumes there."""
+    args = ["stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST, "train.epochs=60",
+            "train.ckpt_every_steps=10", "num_workers=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "noisystudent", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "teacher" / CHECKPOINT
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "teacher" / "_SUCCESS").exists()
+    saved = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < saved < 60 * 7  # a checkpoint every 10 steps and at every epoch end (7 steps)
+    run(*args)
+    s = json.loads((tmp_path / "teacher" / "summary.json").read_text())
+    assert s["resumed_from_step"] == saved
+    assert s["steps"] == 60 * 7  # 100 labeled / batch 16 -> 7 steps an epoch, all of them done
