@@ -12,6 +12,7 @@ Written under a temporary name and renamed when whole, so a file that exists is 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_
     }
     metadata = {k: str(v) for k, v in meta.items()}
     metadata.update(shard=shard, images=str(n), corrupt=str(len(corrupt_keys)))
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    # one metadata entry holding sorted JSON: safetensors writes several entries in hash-map
+    # order, which would make identical labels differ byte for byte between runs
+    atomic_write_bytes(path, save(tensors, metadata={"noisystudent": json.dumps(metadata, sort_keys=True)}))
 
 
 class LabelFile:
@@ -104,7 +107,7 @@ class LabelFile:
         except Exception as e:  # noqa: BLE001
             raise DataError(f"label file {self.path} cannot be read ({e}); delete it and rerun stage=pseudolabel "
                             "to label its shard again") from None
-        self.meta = self._f.metadata() or {}
+        self.meta = json.loads((self._f.metadata() or {}).get("noisystudent", "{}"))
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._f.get_tensor(name)

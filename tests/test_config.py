@@ -19,7 +19,8 @@ def test_every_stage_composes(stage):
 
 
 def test_presets_carry_the_design_table():
-    for name, size, drop in [("efficientnet_b0", 224, 0.2), ("efficientnet_b3", 300, 0.3), ("efficientnet_b7", 600, 0.5)]:
+    table = [("efficientnet_b0", 224, 0.2), ("efficientnet_b3", 300, 0.3), ("efficientnet_b7", 600, 0.5)]
+    for name, size, drop in table:
         cfg = make_cfg(f"model={name}")
         assert (cfg.model.name, cfg.model.img_size, cfg.model.drop_rate, cfg.model.drop_path_rate) == (
             name, size, drop, 0.2)
