@@ -90,24 +90,28 @@ def run(cfg: DictConfig, accelerator) -> dict:
     check_model_name(preset.name)
     prepare_data(cfg, accelerator)
     nc = num_classes(cfg)
-    selection, sel_json, unl_urls, paths = load_selection(cfg, nc)
-    labeled = shards(cfg, "labeled")
-    shards(cfg, "eval")
     s = cfg.student
     drop_rate = preset.drop_rate if s.drop_rate is None else s.drop_rate
     drop_path = preset.drop_path_rate if s.drop_path_rate is None else s.drop_path_rate
     model = create_model(preset.name, nc, drop_rate, drop_path)
-
     prev_dir = model_dir_for_round(cfg.run_dir, int(cfg.round) - 1)
     teacher_info = read_json(prev_dir / MODEL_INFO) if (prev_dir / MODEL_INFO).exists() else None
     if teacher_info is None:
-        raise MissingInputError(f"no finished round-{int(cfg.round) - 1} model at {prev_dir}")
+        prev = int(cfg.round) - 1
+        cmd = (f"stage=teacher run_dir={cfg.run_dir}" if prev == 0
+               else f"stage=student run_dir={cfg.run_dir} round={prev}")
+        raise MissingInputError(f"no finished round-{prev} model at {prev_dir}; make it with "
+                                f"`python -m noisystudent {cmd}`")
     params = count_params(model)
     if params < teacher_info["params"] and not s.allow_smaller:
         raise ConfigError(
             f"the student {preset.name} has {params:,} parameters, fewer than its teacher {teacher_info['name']} "
             f"({teacher_info['params']:,}); Noisy Student needs an equal-or-larger student. Pick a larger "
             "student.model, or set student.allow_smaller=true")
+    selection, sel_json, unl_urls, paths = load_selection(cfg, nc)
+    labeled = shards(cfg, "labeled")
+    shards(cfg, "eval")
+
     if s.init == "teacher":
         load_weights(model, prev_dir / MODEL_WEIGHTS)
     elif s.init != "scratch":
