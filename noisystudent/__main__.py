@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import hydra
@@ -33,7 +34,17 @@ def make_accelerator(cfg: DictConfig):
         from .errors import ConfigError
 
         raise ConfigError(f"precision={cfg.precision!r}: use no, bf16 or fp16")
-    accelerator = Accelerator(mixed_precision=cfg.precision)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Without an accelerator device, accelerate only sets up the gloo process group when told
+    # cpu=True; otherwise each of N launched processes would silently run alone as "rank 0 of 1".
+    import torch
+
+    accelerator = Accelerator(mixed_precision=cfg.precision, cpu=world > 1 and not torch.cuda.is_available())
+    if world > 1 and accelerator.num_processes != world:
+        from .errors import ConfigError
+
+        raise ConfigError(f"launched as {world} processes (WORLD_SIZE) but accelerate set up "
+                          f"{accelerator.num_processes}; check the launcher's settings")
     set_seed(int(cfg.seed) + accelerator.process_index)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)

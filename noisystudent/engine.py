@@ -72,6 +72,15 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def replicas_in_sync(accelerator, model) -> bool:
+    """True when every process holds bit-identical weights (DDP keeps them so; a wrong setup does not)."""
+    with torch.no_grad():
+        probe = torch.stack([sum(p.double().sum() for p in model.parameters()),
+                             sum((p.double() ** 2).sum() for p in model.parameters())]).to(accelerator.device)
+    gathered = accelerator.gather(probe.view(1, 2))
+    return bool((gathered == gathered[0]).all())
+
+
 def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     """Train job.model; return (EMA model, training summary). Resumes from job.step_dir/checkpoint.pt."""
     device = accelerator.device
@@ -168,6 +177,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             accelerator.wait_for_everyone()
     bar.close()
     wall = time.time() - t0
+    in_sync = replicas_in_sync(accelerator, accelerator.unwrap_model(model))
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
     summary = {
         "steps": step,
@@ -176,6 +186,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         "global_batch": job.global_batch,
         "lr": lr,
         "processes": accelerator.num_processes,
+        "replicas_in_sync": in_sync,
         "images_seen": images_seen,
         "images_per_sec": loop_images / max(time.time() - loop_t0, 1e-9) if loop_t0 else 0.0,
         "train_wall_s": prior_wall + wall,

@@ -103,7 +103,7 @@ def test_two_processes_write_what_one_does(teacher_copy, digits_root, tmp_path):
     one = tmp_path / "one"
     shutil.copytree(teacher_copy, one)
     run(*_args(one, digits_root))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", "29533"]
     proc = cli(*_args(teacher_copy, digits_root), launcher=launcher)
@@ -111,7 +111,9 @@ def test_two_processes_write_what_one_does(teacher_copy, digits_root, tmp_path):
     assert _label_files(teacher_copy) == _label_files(one)
     assert (read_json(teacher_copy / "round_1/pseudolabel/selection.json")
             == read_json(one / "round_1/pseudolabel/selection.json"))
-    assert read_json(teacher_copy / "round_1/pseudolabel/summary.json")["images_seen"] == 1158
+    summary = read_json(teacher_copy / "round_1/pseudolabel/summary.json")
+    assert summary["images_seen"] == 1158 and summary["processes"] == 2
+    assert summary["images_labeled_this_run"] == 1158  # each shard labeled once, by one of the two
 
 
 def test_no_finished_teacher(tmp_path, digits_root):

@@ -189,10 +189,10 @@ def run(cfg: DictConfig, accelerator) -> dict:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return {}
-    return finish(cfg, out, urls, paths, nc, info, applied, labeled_now, wall)
+    return finish(cfg, out, urls, paths, nc, info, applied, labeled_now, wall, accelerator.num_processes)
 
 
-def finish(cfg, out: Path, urls, paths, nc, info, applied, labeled_now, wall) -> dict:
+def finish(cfg, out: Path, urls, paths, nc, info, applied, labeled_now, wall, processes) -> dict:
     p = cfg.pseudolabel
     unreadable = {}
     for u in urls:
@@ -218,6 +218,7 @@ def finish(cfg, out: Path, urls, paths, nc, info, applied, labeled_now, wall) ->
     summary = {
         "round": int(cfg.round),
         "teacher": info,
+        "processes": processes,
         "shards": len(urls),
         "shards_labeled": len(files),
         "unreadable_shards": unreadable,

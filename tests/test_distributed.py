@@ -1,0 +1,69 @@
+"""Several processes on the CPU (gloo): accelerate launch and torchrun, as on a cluster."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+from conftest import FAST, cli, run
+
+from noisystudent.rundir import read_json
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, digits_root):
+    """teacher -> pseudolabel -> student, every stage with 2 processes."""
+    d = tmp_path_factory.mktemp("ddp") / "run"
+    # a 14-step teacher is unsure: a low threshold keeps a selection to train the student on
+    common = [f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=14", "pseudolabel.threshold=0.12"]
+    launch = ACCELERATE + ["--main_process_port", "29541"]
+    for stage in ("teacher", "pseudolabel", "student"):
+        _ok(cli(f"stage={stage}", *common, launcher=launch))
+    return d
+
+
+def test_two_process_teacher_and_student(two_process_run):
+    for step in ("teacher", "round_1/student"):
+        s = read_json(two_process_run / step / "summary.json")
+        assert s["processes"] == 2
+        assert s["global_batch"] == 2 * 16  # per-device batch x processes, logged and recorded
+        assert s["replicas_in_sync"] is True  # DDP kept the two replicas bit-identical
+        assert s["eval"]["images"] == 539  # each eval image once across the 2 processes
+        assert s["steps"] == 14
+        assert s["images_seen"] >= 14 * 32
+    pl = read_json(two_process_run / "round_1/pseudolabel/summary.json")
+    assert pl["images_seen"] == 1158 and pl["shards_labeled"] == 4
+    # only the main process wrote: one file per name, no per-rank Hydra output directories
+    assert not list(two_process_run.parent.rglob(".hydra")) and not (two_process_run / "outputs").exists()
+
+
+def test_two_process_resume_continues_at_saved_step(two_process_run, digits_root, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(two_process_run, d)
+    (d / "teacher" / "_SUCCESS").unlink()  # as if killed after its last checkpoint (step 14)
+    _ok(cli("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=20",
+            launcher=ACCELERATE + ["--main_process_port", "29542"]))
+    s = read_json(d / "teacher" / "summary.json")
+    assert s["resumed_from_step"] == 14 and s["steps"] == 20 and s["replicas_in_sync"]
+
+
+def test_torchrun_and_fewer_eval_shards_than_processes(two_process_run, digits_root, tmp_path):
+    """evaluate under torchrun with 1 eval shard for 2 processes: no hang, every image once."""
+    one_shard = f"data.eval='{digits_root}/eval-000000.tar'"
+    proc = _ok(cli("stage=evaluate", f"run_dir={two_process_run}", f"data.root={digits_root}", one_shard,
+                   "num_workers=2", launcher=TORCHRUN, timeout=300))
+    report = read_json(two_process_run / "report.json")
+    single = run("stage=evaluate", f"run_dir={two_process_run}", f"data.root={digits_root}", one_shard)
+    assert [r["eval_images"] for r in report["rounds"]] == [270, 270]
+    assert [r["top1"] for r in report["rounds"]] == [r["top1"] for r in single["rounds"]]
+    assert "Traceback" not in proc.stderr
