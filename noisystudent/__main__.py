@@ -70,7 +70,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except NoisyStudentError as e:
         # caught here, inside hydra.main, which would otherwise print it with its own advice and exit 1
         print(f"noisystudent error: {_user_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 def _user_message(exc: BaseException) -> str:

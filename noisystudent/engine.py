@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from .config import learning_rate
+from .errors import ConfigError, NoisyStudentError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,21 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class Preempted(NoisyStudentError):
+    """Training stopped on SIGTERM after saving a checkpoint (exit code 143, as for a plain SIGTERM)."""
+
+    exit_code = 143
+
+
+def stop_requested(accelerator, flag: dict) -> bool:
+    """Whether any process got SIGTERM. All processes agree (a max-reduce), so they stop at the same step
+    and none waits in a collective the others left."""
+    if accelerator.num_processes == 1:
+        return flag["set"]
+    t = torch.tensor([1 if flag["set"] else 0], device=accelerator.device)
+    return bool(accelerator.reduce(t, "sum").item() > 0)
+
+
 def replicas_in_sync(accelerator, model) -> bool:
     """True when every process holds bit-identical weights (DDP keeps them so; a wrong setup does not)."""
     with torch.no_grad():
@@ -109,8 +126,6 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         resumed_from = step
         log.info("resuming %s at step %d / %d", job.step_dir, step, total_steps)
     elif cfg.resume not in ("auto", "never"):
-        from .errors import ConfigError
-
         raise ConfigError(f"resume={cfg.resume!r}: use auto or never")
     # load_state before prepare would be lost on wrapping; states are loaded into the bare
     # modules above, and prepare only wraps them (DDP) without touching the values.
@@ -129,6 +144,9 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             "config_hash": job.config_hash,
         }
 
+    # SIGTERM (Slurm preemption/requeue, a scheduler's timeout) -> checkpoint at the end of the step, then exit
+    stop_flag = {"set": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(set=True))
     # Seed the stream with the start step so a resumed run does not replay the same batches.
     batches = job.batches(int(cfg.seed) * 1_000_003 + step * 7919 + accelerator.process_index)
     model.train()
@@ -170,11 +188,18 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{ips:.0f}", refresh=False)
         end_of_epoch = step % job.steps_per_epoch == 0
-        if step % ckpt_every == 0 or end_of_epoch or step == total_steps:
+        stop = stop_requested(accelerator, stop_flag)
+        if step % ckpt_every == 0 or end_of_epoch or step == total_steps or stop:
             state = snapshot()
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_path, state)
             accelerator.wait_for_everyone()
+        if stop:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous_handler)
+            raise Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to {ckpt_path}: "
+                            "rerun the same command to continue (resume=auto)")
+    signal.signal(signal.SIGTERM, previous_handler)
     bar.close()
     wall = time.time() - t0
     in_sync = replicas_in_sync(accelerator, accelerator.unwrap_model(model))

@@ -4,6 +4,8 @@
 class NoisyStudentError(Exception):
     """Base class: the message names the file, key or setting at fault and what to do."""
 
+    exit_code = 2
+
 
 class ConfigError(NoisyStudentError):
     """A config key is missing, unknown or out of range."""

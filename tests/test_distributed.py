@@ -67,3 +67,13 @@ def test_torchrun_and_fewer_eval_shards_than_processes(two_process_run, digits_r
     assert [r["eval_images"] for r in report["rounds"]] == [270, 270]
     assert [r["top1"] for r in report["rounds"]] == [r["top1"] for r in single["rounds"]]
     assert "Traceback" not in proc.stderr
+
+
+def test_fewer_unlabeled_shards_than_processes(two_process_run, digits_root, tmp_path):
+    """1 shard for 2 processes (x 2 workers): the idle process waits, nothing hangs, one label file."""
+    d = tmp_path / "run"
+    shutil.copytree(two_process_run, d, ignore=shutil.ignore_patterns("round_1"))
+    _ok(cli("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, "num_workers=2",
+            f"data.unlabeled='{digits_root}/unlabeled-000002.tar'", launcher=TORCHRUN, timeout=300))
+    s = read_json(d / "round_1/pseudolabel/summary.json")
+    assert s["processes"] == 2 and s["shards_labeled"] == 1 and s["images_seen"] == 289

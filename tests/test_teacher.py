@@ -62,3 +62,24 @@ def test_resume_after_kill_continues_at_saved_step(tmp_path, digits_root):
     s = json.loads((tmp_path / "teacher" / "summary.json").read_text())
     assert s["resumed_from_step"] == saved
     assert s["steps"] == 60 * 7  # 100 labeled / batch 16 -> 7 steps an epoch, all of them done
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits(tmp_path, digits_root):
+    """What a scheduler's preemption / requeue sends: the loop saves at the step it is in, exits 143."""
+    args = ["stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST, "train.batch_size=4",
+            "train.epochs=40", "train.ckpt_every_steps=100000", "num_workers=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "noisystudent", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "teacher" / CHECKPOINT
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    stopped = int(err.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert torch.load(ckpt, weights_only=True)["step"] == stopped  # saved where it stopped, not at an epoch end
+    run(*args, "max_steps=" + str(stopped + 3))
+    s = json.loads((tmp_path / "teacher" / "summary.json").read_text())
+    assert s["resumed_from_step"] == stopped and s["steps"] == stopped + 3
