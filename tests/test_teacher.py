@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -65,17 +66,18 @@ def test_resume_after_kill_continues_at_saved_step(tmp_path, digits_root):
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits(tmp_path, digits_root):
-    """What a scheduler's preemption / requeue sends: the loop saves at the step it is in, exits 143."""
+    """What a scheduler's preemption / requeue sends, to the whole process group (loader workers
+    included): the loop saves at the step it is in and exits 143."""
     args = ["stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST, "train.batch_size=4",
-            "train.epochs=40", "train.ckpt_every_steps=100000", "num_workers=0"]
+            "train.epochs=40", "train.ckpt_every_steps=100000", "num_workers=2"]
     proc = subprocess.Popen([sys.executable, "-m", "noisystudent", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     ckpt = tmp_path / "teacher" / CHECKPOINT
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     stopped = int(err.split("stopped by SIGTERM at step ")[1].split()[0])

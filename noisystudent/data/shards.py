@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -204,6 +205,12 @@ def ordered_stream(urls: list[str], decoder: SampleDecoder, batch_size: int,
     return wds.DataPipeline(*stages)
 
 
+def _worker_ignores_sigterm(_worker_id: int) -> None:
+    # A scheduler's SIGTERM goes to the whole process group. The main process answers it by saving a
+    # checkpoint (engine.fit); a worker dying of it first would crash the main process before it can.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(pipeline, num_workers: int, shards_per_process: int | None = None) -> torch.utils.data.DataLoader:
     """DataLoader over a pipeline that batches itself. Workers beyond the number of shards a
     process reads would get no shard, so their number is capped to it."""
@@ -214,6 +221,7 @@ def make_loader(pipeline, num_workers: int, shards_per_process: int | None = Non
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
+        worker_init_fn=_worker_ignores_sigterm if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,
     )
 
