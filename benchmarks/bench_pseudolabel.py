@@ -48,8 +48,7 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> list
         low = rng.integers(0, 255, (size[1] // 32 + 1, size[0] // 32 + 1, 3), dtype=np.uint8)
         img = Image.fromarray(low).resize(size, Image.BICUBIC)
         arr = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, (size[1], size[0], 3))
-        path = root / "c0" / f"img{i:06d}.jpg"
-        path.parent.mkdir(exist_ok=True)
+        path = root / f"img{i:06d}.jpg"
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
         files.append(path)
     return files
@@ -153,7 +152,7 @@ def main():
     work = Path(args.workdir or tempfile.mkdtemp(prefix=f"bench_{args.regime}_"))
     img_dir = work / "images"
     if not img_dir.exists():
-        make_jpegs(img_dir, n, r["src"])
+        make_jpegs(img_dir / "c0", n, r["src"])  # one class dir: the layout timm's inference.py reads
     files = sorted(img_dir.rglob("*.jpg"))[:n]
     shard_dir = work / f"shards{args.shards}"
     if not shard_dir.exists():

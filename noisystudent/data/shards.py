@@ -161,10 +161,6 @@ def collate_counting(samples: list[dict]) -> dict:
     return batch
 
 
-def _tar_samples(handler) -> wds.PipelineStage:
-    return wds.tarfile_to_samples(handler=handler)
-
-
 def training_stream(
     urls: list[str],
     decoder: SampleDecoder,
@@ -180,7 +176,7 @@ def training_stream(
     the loop counts optimizer steps, and an epoch is len(dataset) / global batch."""
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
-        _tar_samples(wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
         *extra_stages,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000)),
         wds.map(decoder),
@@ -198,7 +194,7 @@ def ordered_stream(urls: list[str], decoder: SampleDecoder, batch_size: int,
         stages.append(wds.split_by_node)
     stages += [
         wds.split_by_worker,
-        _tar_samples(wds.reraise_exception),
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
         wds.map(decoder),
         wds.batched(batch_size, collation_fn=collate_counting, partial=True),
     ]

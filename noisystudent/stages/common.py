@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..config import config_hash, positive_int, require
+from ..config import config_hash, positive_int
 from ..data import digits
 from ..data.shards import expand_shards
 from ..data.transforms import eval_transform, model_norm
@@ -79,10 +78,3 @@ def finish_training(cfg: DictConfig, accelerator, job: TrainJob, model_info: dic
              metrics["images"])
     return summary
 
-
-def remove_tree(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-
-
-__all__ = ["prepare_data", "shards", "num_classes", "skip_if_done", "finish_training", "require"]
