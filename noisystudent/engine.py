@@ -161,8 +161,6 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         corrupt += batch["n_corrupt"]
         if batch["images"].numel() == 0:
             continue
-        if loop_t0 is None:
-            loop_t0 = time.time()  # images/s excludes worker start-up
         images = batch["images"].to(device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -181,10 +179,12 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         n = images.shape[0] * accelerator.num_processes
         images_seen += n
         loop_images += n
+        if loop_t0 is None:  # images/s counts from the end of the first step: start-up and warm-up excluded
+            loop_t0, loop_images = time.time(), 0
         last_loss = float(loss.detach())
         bar.update(1)
         if step % int(cfg.train.log_every_steps) == 0 or step == total_steps:
-            ips = loop_images / max(time.time() - loop_t0, 1e-9)
+            ips = loop_images / max(time.time() - loop_t0, 1e-9) if loop_images else 0.0
             bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{ips:.0f}", refresh=False)
         end_of_epoch = step % job.steps_per_epoch == 0
@@ -213,7 +213,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         "processes": accelerator.num_processes,
         "replicas_in_sync": in_sync,
         "images_seen": images_seen,
-        "images_per_sec": loop_images / max(time.time() - loop_t0, 1e-9) if loop_t0 else 0.0,
+        "images_per_sec": loop_images / max(time.time() - loop_t0, 1e-9) if loop_images else 0.0,
         "train_wall_s": prior_wall + wall,
         "final_loss": last_loss,
         "corrupt_skipped": corrupt_total,

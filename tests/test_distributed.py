@@ -77,3 +77,22 @@ def test_fewer_unlabeled_shards_than_processes(two_process_run, digits_root, tmp
             f"data.unlabeled='{digits_root}/unlabeled-000002.tar'", launcher=TORCHRUN, timeout=300))
     s = read_json(d / "round_1/pseudolabel/summary.json")
     assert s["processes"] == 2 and s["shards_labeled"] == 1 and s["images_seen"] == 289
+
+
+def test_two_nodes_one_process_each(digits_root, tmp_path):
+    """The multi-node path: two launchers (one per 'node', here both on localhost) rendezvous with
+    --nnodes 2 --node_rank i, as pipelines/slurm/stage.sbatch does with srun on real nodes."""
+    import os
+    import subprocess
+
+    args = ["-m", "noisystudent", "stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST,
+            "max_steps=6", "num_workers=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29571",
+                               *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    s = read_json(tmp_path / "teacher" / "summary.json")
+    assert s["processes"] == 2 and s["replicas_in_sync"] and s["steps"] == 6 and s["eval"]["images"] == 539

@@ -125,7 +125,12 @@ def run(cfg: DictConfig, accelerator) -> dict:
     global_batch = batch_size * accelerator.num_processes
     n_selected = int(sum(sel_json["counts_after"]))
     epochs = float(s.epochs if s.epochs is not None else cfg.train.epochs)
-    lab_batches = labeled_batches(cfg, labeled, tf, batch_size)
+    # the num_workers decoders are shared by the two streams in proportion to their batch sizes
+    # (each at least 1 when any): more processes than that only compete for the same cores
+    workers = int(cfg.num_workers)
+    lab_workers = min(workers, max(1, round(workers / (1 + ratio)))) if workers else 0
+    unl_workers = max(1, workers - lab_workers) if workers else 0
+    lab_batches = labeled_batches(cfg, labeled, tf, batch_size, lab_workers)
     join = JoinPseudoLabels(paths, selection, nc)
     unl_decoder = SampleDecoder(tf, None, labeled=False)
     buffer = int(cfg.train.shuffle_buffer)
@@ -133,7 +138,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
     def batches(seed: int):
         lab = lab_batches(seed)
         unl = iter(make_loader(training_stream(unl_urls, unl_decoder, unl_batch, buffer, seed + 17, [join]),
-                               int(cfg.num_workers)))
+                               unl_workers))
         while True:
             a, b = next(lab), next(unl)
             yield {"images": torch.cat([a["images"], b["images"]]) if b["images"].numel() else a["images"],
@@ -158,6 +163,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
             "unlabel_ratio": ratio, "unlabeled_batch": unl_batch, "unlabeled_weight": weight,
             "init": s.init, "pseudo_labeled_images": n_selected, "hard_labels": bool(sel_json.get("hard")),
             "labeled_images_per_step": global_batch,
+            "loader_workers": {"labeled": lab_workers, "unlabeled": unl_workers},
         },
     )
     info = {"name": preset.name, "img_size": preset.img_size,

@@ -14,13 +14,14 @@ from ..rundir import teacher_dir
 from .common import finish_training, num_classes, prepare_data, shards, skip_if_done
 
 
-def labeled_batches(cfg: DictConfig, urls: list[str], transform, batch_size: int):
+def labeled_batches(cfg: DictConfig, urls: list[str], transform, batch_size: int, num_workers: int | None = None):
     """seed -> endless iterator over shuffled, augmented labeled batches."""
+    workers = int(cfg.num_workers) if num_workers is None else num_workers
     decoder = SampleDecoder(transform, num_classes(cfg), labeled=True)
 
     def make(seed: int):
         stream = training_stream(urls, decoder, batch_size, int(cfg.train.shuffle_buffer), seed)
-        return iter(make_loader(stream, int(cfg.num_workers)))
+        return iter(make_loader(stream, workers))
 
     return make
 
