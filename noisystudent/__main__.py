@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import NoisyStudentError
+from .errors import ConfigError, NoisyStudentError
 
 log = logging.getLogger("noisystudent")
 
@@ -31,8 +31,6 @@ def make_accelerator(cfg: DictConfig):
     from accelerate.utils import set_seed
 
     if cfg.precision not in ("no", "bf16", "fp16"):
-        from .errors import ConfigError
-
         raise ConfigError(f"precision={cfg.precision!r}: use no, bf16 or fp16")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # Without an accelerator device, accelerate only sets up the gloo process group when told
@@ -41,8 +39,6 @@ def make_accelerator(cfg: DictConfig):
 
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=world > 1 and not torch.cuda.is_available())
     if world > 1 and accelerator.num_processes != world:
-        from .errors import ConfigError
-
         raise ConfigError(f"launched as {world} processes (WORLD_SIZE) but accelerate set up "
                           f"{accelerator.num_processes}; check the launcher's settings")
     set_seed(int(cfg.seed) + accelerator.process_index)
@@ -54,8 +50,6 @@ def make_accelerator(cfg: DictConfig):
 def run_stage(cfg: DictConfig, accelerator=None):
     name = cfg.stage.name
     if name not in _MODULES:
-        from .errors import ConfigError
-
         raise ConfigError(f"stage={name!r} is not a stage: use one of {', '.join(_MODULES)}")
     module = importlib.import_module(f".stages.{_MODULES[name]}", __package__)
     return module.run(cfg, accelerator or make_accelerator(cfg))

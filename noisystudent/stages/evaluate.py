@@ -8,6 +8,7 @@ import logging
 from omegaconf import DictConfig
 
 from ..data.transforms import eval_transform, model_norm
+from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..models import load_exported_model
 from ..report import write_report
@@ -41,8 +42,6 @@ def run(cfg: DictConfig, accelerator) -> dict:
     for round_idx, role, step_dir in models:
         model, info = load_exported_model(step_dir, "")
         if info["num_classes"] != nc:
-            from ..errors import ConfigError
-
             raise ConfigError(f"{step_dir} holds a {info['num_classes']}-class model but data.num_classes={nc}")
         mean, std = model_norm(model)
         metrics = evaluate(accelerator, model, eval_urls, nc,

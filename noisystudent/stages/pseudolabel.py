@@ -20,9 +20,9 @@ from ..data.shards import SampleDecoder, collate_counting, make_loader, rank_sha
 from ..data.transforms import eval_transform, model_norm
 from ..errors import ConfigError, DataError
 from ..inference import prepare
-from ..labels import ERROR_SUFFIX, LabelFile, label_paths, probs_to_topk, write_label_file
+from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, probs_to_topk, write_label_file
 from ..models import load_exported_model
-from ..rundir import mark_done, model_dir_for_round, pseudolabel_dir, write_json
+from ..rundir import mark_done, model_dir_for_round, pseudolabel_dir, read_json, write_json
 from ..selection import HIST_BINS, class_statistics, select
 from .common import num_classes, prepare_data, shards, skip_if_done
 
@@ -41,6 +41,11 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"pseudolabel.temperature={p.temperature} must be > 0")
     if int(cfg.round) < 1:
         raise ConfigError(f"round={cfg.round} must be >= 1 (round 1 is labeled by the teacher)")
+
+
+def error_path(label_path: Path) -> Path:
+    """Where an unreadable shard's reason is kept (beside where its label file would be)."""
+    return label_path.with_name(label_path.name.replace(SUFFIX, ERROR_SUFFIX))
 
 
 class ShardBatches(IterableDataset):
@@ -94,8 +99,7 @@ def label_shards(cfg: DictConfig, accelerator, model, transform, img_size: int, 
                                     "makes this fatal: fix or drop the shard")
                 log.warning("shard %s cannot be read (%s): skipped", url, batch["error"])
                 stats["unreadable"][url] = batch["error"]
-                write_json(paths[url].with_name(paths[url].name.replace(".labels.safetensors", ERROR_SUFFIX)),
-                           {"shard": url, "error": batch["error"]})
+                write_json(error_path(paths[url]), {"shard": url, "error": batch["error"]})
                 continue
             corrupt.setdefault(url, []).extend(batch["corrupt_keys"])
             if batch["images"].numel():
@@ -196,10 +200,8 @@ def finish(cfg, out: Path, urls, paths, nc, info, applied, labeled_now, wall, pr
     p = cfg.pseudolabel
     unreadable = {}
     for u in urls:
-        err = paths[u].with_name(paths[u].name.replace(".labels.safetensors", ERROR_SUFFIX))
+        err = error_path(paths[u])
         if not paths[u].exists() and err.exists():
-            from ..rundir import read_json
-
             unreadable[u] = read_json(err)["error"]
     files = [LabelFile(paths[u]) for u in urls if paths[u].exists()]
     for f in files:
