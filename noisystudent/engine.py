@@ -114,6 +114,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
 
     ckpt_path = job.step_dir / CHECKPOINT
     step, images_seen, corrupt, prior_wall = 0, 0, 0, 0.0
+    shard_errors: dict[str, int] = {}  # error (with the shard's url) -> times hit; shards are resampled
     resumed_from = None
     if cfg.resume == "auto" and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
@@ -159,6 +160,8 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     while step < total_steps:
         batch = next(batches)
         corrupt += batch["n_corrupt"]
+        for err in batch.get("shard_errors", ()):
+            shard_errors[err] = shard_errors.get(err, 0) + 1
         if batch["images"].numel() == 0:
             continue
         images = batch["images"].to(device, non_blocking=True)
@@ -204,6 +207,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     wall = time.time() - t0
     in_sync = replicas_in_sync(accelerator, accelerator.unwrap_model(model))
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
+    n_shard_errors = int(accelerator.reduce(torch.tensor(sum(shard_errors.values()), device=device), "sum"))
     summary = {
         "steps": step,
         "resumed_from_step": resumed_from,
@@ -217,6 +221,10 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         "train_wall_s": prior_wall + wall,
         "final_loss": last_loss,
         "corrupt_skipped": corrupt_total,
+        # shard read errors while training (the stream skips the shard and draws another);
+        # the messages are this process's, the count is summed over processes
+        "shard_read_errors": n_shard_errors,
+        "unreadable_shards": sorted(shard_errors)[:20],
         "config_hash": job.config_hash,
         **job.extra_summary,
     }

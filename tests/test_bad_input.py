@@ -88,6 +88,19 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     assert s["corrupt_skipped"] >= 1  # the training stream saw them too (it resamples, so at least once)
 
 
+def test_unreadable_training_shard_is_skipped_and_counted(tmp_path):
+    good = tmp_path / "g-000000.tar"
+    _labeled_shard(good, n=40)
+    bad = tmp_path / "g-000001.tar"
+    bad.write_bytes(b"not a tar archive " * 100)
+    args = _shards_args(tmp_path, str(tmp_path / "g-{000000..000001}.tar"), str(good))
+    run(*args, "train.epochs=3")
+    s = read_json(tmp_path / "run" / "teacher" / "summary.json")
+    assert s["shard_read_errors"] >= 1
+    assert any("g-000001.tar" in e for e in s["unreadable_shards"])
+    assert s["eval"]["images"] == 40
+
+
 def test_tar_member_without_key_structure_is_read(tmp_path):
     """Sanity for the fixtures above: a hand-made tar with a nested dir key still decodes."""
     shard = tmp_path / "h-000000.tar"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import tarfile
@@ -67,10 +68,14 @@ def count_samples(urls: list[str]) -> int:
             total += int(manifests[mpath][path.name])
             continue
         keys = set()
-        with tarfile.open(url, "r:") as tar:
-            for member in tar:
-                if member.isfile() and not os.path.basename(member.name).startswith("."):
-                    keys.add(member.name.split(".", 1)[0])
+        try:
+            with tarfile.open(url, "r:") as tar:
+                for member in tar:
+                    if member.isfile() and not os.path.basename(member.name).startswith("."):
+                        keys.add(member.name.split(".", 1)[0])
+        except (tarfile.TarError, OSError) as e:
+            # training skips (and counts) what it cannot read; the count leaves it out too
+            logging.getLogger(__name__).warning("shard %s cannot be read (%s): counted as empty", url, e)
         total += len(keys)
     return total
 
@@ -145,10 +150,26 @@ class SampleDecoder:
         return out
 
 
+# Shard read errors seen by this (worker) process since its last batch: the training stream skips an
+# unreadable shard and goes on, and the next batch carries the errors to the main process to count.
+_SHARD_ERRORS: list[str] = []
+
+
+def skip_and_record_shard_error(exn: Exception) -> bool:
+    """webdataset handler for training streams: skip the shard (webdataset appends its url to the
+    exception's args), remember the error, continue."""
+    _SHARD_ERRORS.append(f"{type(exn).__name__}: {exn}")
+    logging.getLogger(__name__).warning("skipping unreadable shard data: %s", _SHARD_ERRORS[-1])
+    return True
+
+
 def collate_counting(samples: list[dict]) -> dict:
-    """Stack the decodable samples of a batch; report how many were corrupt."""
+    """Stack the decodable samples of a batch; report how many were corrupt (and shard read errors)."""
     good = [s for s in samples if s["image"] is not None]
+    shard_errors = _SHARD_ERRORS[:]
+    _SHARD_ERRORS.clear()
     batch = {
+        "shard_errors": shard_errors,
         "keys": [s["key"] for s in good],
         "urls": [s["url"] for s in good],
         "labels": torch.tensor([s["label"] for s in good], dtype=torch.long),
@@ -176,7 +197,7 @@ def training_stream(
     the loop counts optimizer steps, and an epoch is len(dataset) / global batch."""
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=skip_and_record_shard_error),
         *extra_stages,
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000)),
         wds.map(decoder),

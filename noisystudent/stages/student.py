@@ -143,7 +143,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
             a, b = next(lab), next(unl)
             yield {"images": torch.cat([a["images"], b["images"]]) if b["images"].numel() else a["images"],
                    "labels": a["labels"], "targets": b.get("targets"),
-                   "n_corrupt": a["n_corrupt"] + b["n_corrupt"]}
+                   "n_corrupt": a["n_corrupt"] + b["n_corrupt"], "shard_errors": a["shard_errors"] + b["shard_errors"]}
 
     smoothing, weight = float(cfg.train.label_smoothing), float(s.unlabeled_weight)
     job = TrainJob(
