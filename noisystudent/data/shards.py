@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import random
 import signal
 import tarfile
 from collections.abc import Callable, Iterable
@@ -182,6 +183,19 @@ def collate_counting(samples: list[dict]) -> dict:
     return batch
 
 
+class _SeededShuffle:
+    """webdataset's shuffle buffer with an rng seeded from (seed, rank, worker): wds.shuffle() without
+    an rng seeds from pid and time, which made runs with the same `seed` differ."""
+
+    def __init__(self, bufsize: int, initial: int, seed: int):
+        self.bufsize, self.initial, self.seed = bufsize, initial, seed
+
+    def __call__(self, src):
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{self.seed}-{rank}-{worker}")
+        return wds.shuffle(self.bufsize, self.initial, rng=rng)(src)
+
+
 def training_stream(
     urls: list[str],
     decoder: SampleDecoder,
@@ -199,7 +213,7 @@ def training_stream(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=skip_and_record_shard_error),
         *extra_stages,
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000)),
+        _SeededShuffle(shuffle_buffer, min(shuffle_buffer, 1000), seed),
         wds.map(decoder),
         wds.batched(batch_size, collation_fn=collate_counting, partial=False),
     )
