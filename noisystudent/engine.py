@@ -126,10 +126,14 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                                                   state["wall_s"])
         resumed_from = step
         log.info("resuming %s at step %d / %d", job.step_dir, step, total_steps)
+        if state.get("config_hash") != job.config_hash:
+            log.warning("%s was written with another config (hash %s, now %s): continuing with the new one; "
+                        "resume=never (or force=true) starts the step again", ckpt_path, state.get("config_hash"),
+                        job.config_hash)
     elif cfg.resume not in ("auto", "never"):
         raise ConfigError(f"resume={cfg.resume!r}: use auto or never")
-    # load_state before prepare would be lost on wrapping; states are loaded into the bare
-    # modules above, and prepare only wraps them (DDP) without touching the values.
+    # Every process loaded the same checkpoint into the bare modules above; prepare only wraps them
+    # (DDP broadcasts rank 0's weights, which are the same), so nothing loaded is lost.
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler.step_update(num_updates=step)
 
