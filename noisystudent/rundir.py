@@ -42,6 +42,13 @@ def model_dir_for_round(run_dir: str | os.PathLike, round_idx: int) -> Path:
     return teacher_dir(run_dir) if int(round_idx) == 0 else student_dir(run_dir, round_idx)
 
 
+def command_for_round(run_dir: str | os.PathLike, round_idx: int) -> str:
+    """The command that makes the model finishing round `round_idx` (for error messages)."""
+    if int(round_idx) == 0:
+        return f"python -m noisystudent stage=teacher run_dir={run_dir}"
+    return f"python -m noisystudent stage=student run_dir={run_dir} round={int(round_idx)}"
+
+
 def is_done(step_dir: str | os.PathLike) -> bool:
     return (Path(step_dir) / SUCCESS).exists()
 

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..models import load_exported_model
 from ..report import write_report
-from ..rundir import is_done, student_dir, teacher_dir
+from ..rundir import command_for_round, is_done, student_dir, teacher_dir
 from .common import num_classes, prepare_data, shards
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
     models = finished_models(cfg.run_dir)
     if not models:
         # the same error load_exported_model gives, naming the path and the command
-        load_exported_model(teacher_dir(cfg.run_dir), f"python -m noisystudent stage=teacher run_dir={cfg.run_dir}")
+        load_exported_model(teacher_dir(cfg.run_dir), command_for_round(cfg.run_dir, 0))
     rows = []
     for round_idx, role, step_dir in models:
         model, info = load_exported_model(step_dir, "")

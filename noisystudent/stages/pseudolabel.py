@@ -22,7 +22,7 @@ from ..errors import ConfigError, DataError
 from ..inference import prepare
 from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, probs_to_topk, write_label_file
 from ..models import load_exported_model
-from ..rundir import mark_done, model_dir_for_round, pseudolabel_dir, read_json, write_json
+from ..rundir import command_for_round, mark_done, model_dir_for_round, pseudolabel_dir, read_json, write_json
 from ..selection import HIST_BINS, class_statistics, select
 from .common import num_classes, prepare_data, shards, skip_if_done
 
@@ -155,9 +155,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
     prepare_data(cfg, accelerator)
     nc = num_classes(cfg)
     prev = int(cfg.round) - 1
-    prev_cmd = (f"python -m noisystudent stage=teacher run_dir={cfg.run_dir}" if prev == 0 else
-                f"python -m noisystudent stage=student run_dir={cfg.run_dir} round={prev}")
-    model, info = load_exported_model(model_dir_for_round(cfg.run_dir, prev), prev_cmd)
+    model, info = load_exported_model(model_dir_for_round(cfg.run_dir, prev), command_for_round(cfg.run_dir, prev))
     if info["num_classes"] != nc:
         raise ConfigError(f"the round-{prev} model ({model_dir_for_round(cfg.run_dir, prev)}) has "
                           f"{info['num_classes']} classes but data.num_classes={nc}; label with a model of "

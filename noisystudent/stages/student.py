@@ -23,7 +23,7 @@ from ..labels import LabelFile, label_paths, soft_targets
 from ..losses import noisy_student_loss
 from ..models import MODEL_INFO, MODEL_WEIGHTS, check_model_name, count_params, create_model, load_weights
 from ..presets import student_model
-from ..rundir import is_done, model_dir_for_round, pseudolabel_dir, read_json, student_dir
+from ..rundir import command_for_round, is_done, model_dir_for_round, pseudolabel_dir, read_json, student_dir
 from ..selection import Selection
 from .common import finish_training, num_classes, prepare_data, shards, skip_if_done
 from .teacher import labeled_batches
@@ -98,10 +98,8 @@ def run(cfg: DictConfig, accelerator) -> dict:
     teacher_info = read_json(prev_dir / MODEL_INFO) if (prev_dir / MODEL_INFO).exists() else None
     if teacher_info is None:
         prev = int(cfg.round) - 1
-        cmd = (f"stage=teacher run_dir={cfg.run_dir}" if prev == 0
-               else f"stage=student run_dir={cfg.run_dir} round={prev}")
         raise MissingInputError(f"no finished round-{prev} model at {prev_dir}; make it with "
-                                f"`python -m noisystudent {cmd}`")
+                                f"`{command_for_round(cfg.run_dir, prev)}`")
     params = count_params(model)
     if params < teacher_info["params"] and not s.allow_smaller:
         raise ConfigError(
