@@ -161,54 +161,56 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                desc=job.step_dir.name, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     ckpt_every = int(cfg.train.ckpt_every_steps)
     last_loss = float("nan")
-    while step < total_steps:
-        batch = next(batches)
-        corrupt += batch["n_corrupt"]
-        for err in batch.get("shard_errors", ()):
-            shard_errors[err] = shard_errors.get(err, 0) + 1
-        if batch["images"].numel() == 0:
-            continue
-        images = batch["images"].to(device, non_blocking=True)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with accelerator.autocast():
-            logits = model(images)
-        loss, parts = job.loss(logits, batch)
-        accelerator.backward(loss)
-        if cfg.train.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        scheduler.step_update(num_updates=step)
-        ema.update(accelerator.unwrap_model(model), step=step)
-        n = images.shape[0] * accelerator.num_processes
-        images_seen += n
-        loop_images += n
-        if loop_t0 is None:  # images/s counts from the end of the first step: start-up and warm-up excluded
-            loop_t0, loop_images = time.time(), 0
-        last_loss = float(loss.detach())
-        bar.update(1)
-        if step % int(cfg.train.log_every_steps) == 0 or step == total_steps:
-            ips = loop_images / max(time.time() - loop_t0, 1e-9) if loop_images else 0.0
-            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{ips:.0f}", refresh=False)
-        end_of_epoch = step % job.steps_per_epoch == 0
-        stop = stop_requested(accelerator, stop_flag)
-        if step % ckpt_every == 0 or end_of_epoch or step == total_steps or stop:
-            state = snapshot()
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_path, state)
-            accelerator.wait_for_everyone()
-        if stop:
-            bar.close()
-            signal.signal(signal.SIGTERM, previous_handler)
-            raise Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to {ckpt_path}: "
-                            "rerun the same command to continue (resume=auto)")
-    signal.signal(signal.SIGTERM, previous_handler)
-    bar.close()
-    wall = time.time() - t0
+    try:
+        while step < total_steps:
+            batch = next(batches)
+            corrupt += batch["n_corrupt"]
+            for err in batch.get("shard_errors", ()):
+                shard_errors[err] = shard_errors.get(err, 0) + 1
+            if batch["images"].numel() == 0:
+                continue
+            # each tensor of the batch goes to the device once; the images are one of them
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            images = batch["images"]
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = model(images)
+            loss, parts = job.loss(logits, batch)
+            accelerator.backward(loss)
+            if cfg.train.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            scheduler.step_update(num_updates=step)
+            ema.update(accelerator.unwrap_model(model), step=step)
+            n = images.shape[0] * accelerator.num_processes
+            images_seen += n
+            loop_images += n
+            if loop_t0 is None:  # images/s counts from the end of the first step: start-up and warm-up excluded
+                loop_t0, loop_images = time.time(), 0
+            last_loss = float(loss.detach())
+            bar.update(1)
+            if step % int(cfg.train.log_every_steps) == 0 or step == total_steps:
+                ips = loop_images / max(time.time() - loop_t0, 1e-9) if loop_images else 0.0
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{ips:.0f}", refresh=False)
+            end_of_epoch = step % job.steps_per_epoch == 0
+            stop = stop_requested(accelerator, stop_flag)
+            if step % ckpt_every == 0 or end_of_epoch or step == total_steps or stop:
+                state = snapshot()
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt_path, state)
+                accelerator.wait_for_everyone()
+            if stop:
+                raise Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to "
+                                f"{ckpt_path}: rerun the same command to continue (resume=auto)")
+    finally:  # whatever ends the loop, the caller gets its SIGTERM handler back
+        signal.signal(signal.SIGTERM, previous_handler)
+        bar.close()
+    loop_end = time.time()
+    wall = loop_end - t0
     in_sync = replicas_in_sync(accelerator, accelerator.unwrap_model(model))
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
     n_shard_errors = int(accelerator.reduce(torch.tensor(sum(shard_errors.values()), device=device), "sum"))
@@ -221,7 +223,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         "processes": accelerator.num_processes,
         "replicas_in_sync": in_sync,
         "images_seen": images_seen,
-        "images_per_sec": loop_images / max(time.time() - loop_t0, 1e-9) if loop_images else 0.0,
+        "images_per_sec": loop_images / max(loop_end - loop_t0, 1e-9) if loop_images else 0.0,
         "train_wall_s": prior_wall + wall,
         "final_loss": last_loss,
         "corrupt_skipped": corrupt_total,
