@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 
 # Keys that change how a step runs, not what it computes: left out of the config hash.
-_RUNTIME_KEYS = ("stage", "force", "resume", "num_workers", "run_dir", "max_steps")
+_RUNTIME_KEYS = ("stage", "force", "resume", "num_workers", "worker_nice", "run_dir", "max_steps")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -48,3 +48,13 @@ def learning_rate(optim_cfg: DictConfig, global_batch: int) -> float:
 
 def steps_per_epoch(n_images: int, global_batch: int) -> int:
     return max(1, math.ceil(n_images / global_batch))
+
+
+def worker_nice(cfg: DictConfig, device) -> int:
+    """How much to lower the loader workers' CPU priority (`worker_nice`): auto = 19 on a CPU device."""
+    value = cfg.get("worker_nice", "auto")
+    if value == "auto":
+        return 19 if getattr(device, "type", str(device)) == "cpu" else 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 19:
+        raise ConfigError(f"worker_nice={value!r}: use auto or an integer from 0 (same priority as training) to 19")
+    return value

@@ -21,11 +21,13 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from .config import learning_rate
+from .data.transforms import InputNormalizer
 from .errors import ConfigError, NoisyStudentError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+_W = [0.0]
 
 
 @dataclass
@@ -41,6 +43,8 @@ class TrainJob:
     batches: Callable[[int], Iterator[dict]]
     # (logits, batch on device) -> (loss, parts to log)
     loss: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+    # the model's (mean, std): batches come as uint8 (data/transforms.py) and are normalized on the device
+    input_norm: tuple[tuple, tuple]
     config_hash: str = ""
     extra_summary: dict = field(default_factory=dict)
 
@@ -154,6 +158,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(set=True))
     # Seed the stream with the start step so a resumed run does not replay the same batches.
     batches = job.batches(int(cfg.seed) * 1_000_003 + step * 7919 + accelerator.process_index)
+    normalize = InputNormalizer(*job.input_norm, channels_last=bool(cfg.channels_last))
     model.train()
     t0 = time.time()
     loop_images, loop_t0 = 0, None
@@ -163,7 +168,9 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     last_loss = float("nan")
     try:
         while step < total_steps:
+            _tw = time.perf_counter()
             batch = next(batches)
+            _W[0] += time.perf_counter() - _tw
             corrupt += batch["n_corrupt"]
             for err in batch.get("shard_errors", ()):
                 shard_errors[err] = shard_errors.get(err, 0) + 1
@@ -171,9 +178,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                 continue
             # each tensor of the batch goes to the device once; the images are one of them
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            images = batch["images"]
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = normalize(batch["images"])
             with accelerator.autocast():
                 logits = model(images)
             loss, parts = job.loss(logits, batch)
@@ -210,6 +215,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
     loop_end = time.time()
+    print("WAIT", _W[0], "TOTAL", loop_end - t0, file=sys.stderr)
     wall = loop_end - t0
     in_sync = replicas_in_sync(accelerator, accelerator.unwrap_model(model))
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))

@@ -12,12 +12,12 @@ from .data.shards import SampleDecoder, make_loader, ordered_stream, rank_shards
 
 @torch.inference_mode()
 def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, batch_size: int,
-             num_workers: int, channels_last: bool = False) -> dict:
+             num_workers: int, channels_last: bool = False, worker_nice: int = 0) -> dict:
     device = accelerator.device
     model = model.to(device).eval()
     decoder = SampleDecoder(transform, num_classes, labeled=True)
     mine = rank_shards(urls, accelerator.process_index, accelerator.num_processes)
-    loader = make_loader(ordered_stream(urls, decoder, batch_size), num_workers, len(mine))
+    loader = make_loader(ordered_stream(urls, decoder, batch_size), num_workers, len(mine), worker_nice)
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)

@@ -19,11 +19,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
 from ..errors import DataError
+from .transforms import stack_hwc
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MANIFEST = "manifest.json"
@@ -177,7 +179,12 @@ def collate_counting(samples: list[dict]) -> dict:
         "n_corrupt": len(samples) - len(good),
         "corrupt_keys": [s["key"] for s in samples if s["image"] is None],
     }
-    batch["images"] = torch.stack([s["image"] for s in good]) if good else torch.empty(0)
+    if not good:
+        batch["images"] = torch.empty(0)
+    elif isinstance(good[0]["image"], np.ndarray):  # training transforms give HWC uint8 (transforms.py)
+        batch["images"] = stack_hwc([s["image"] for s in good])
+    else:
+        batch["images"] = torch.stack([s["image"] for s in good])
     if good and "target" in good[0]:
         batch["targets"] = torch.stack([s["target"] for s in good])
     return batch
@@ -236,13 +243,25 @@ def ordered_stream(urls: list[str], decoder: SampleDecoder, batch_size: int,
     return wds.DataPipeline(*stages)
 
 
-def _worker_ignores_sigterm(_worker_id: int) -> None:
-    # A scheduler's SIGTERM goes to the whole process group. The main process answers it by saving a
-    # checkpoint (engine.fit); a worker dying of it first would crash the main process before it can.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class _WorkerInit:
+    """Set up each loader worker: ignore SIGTERM, lower its CPU priority by `nice`."""
+
+    def __init__(self, nice: int):
+        self.nice = nice
+
+    def __call__(self, _worker_id: int) -> None:
+        # A scheduler's SIGTERM goes to the whole process group. The main process answers it by saving a
+        # checkpoint (engine.fit); a worker dying of it first would crash the main process before it can.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Where workers and the model share the cores (CPU training), the step's threads wait for each
+        # other at every op: a worker taking one core stalls both. At a lower priority the workers run
+        # when the step leaves a core idle, or when it waits for a batch, and then on all cores at once.
+        if self.nice:
+            os.nice(self.nice)
 
 
-def make_loader(pipeline, num_workers: int, shards_per_process: int | None = None) -> torch.utils.data.DataLoader:
+def make_loader(pipeline, num_workers: int, shards_per_process: int | None = None,
+                worker_nice: int = 0) -> torch.utils.data.DataLoader:
     """DataLoader over a pipeline that batches itself. Workers beyond the number of shards a
     process reads would get no shard, so their number is capped to it."""
     if shards_per_process is not None:
@@ -252,7 +271,7 @@ def make_loader(pipeline, num_workers: int, shards_per_process: int | None = Non
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
-        worker_init_fn=_worker_ignores_sigterm if num_workers > 0 else None,
+        worker_init_fn=_WorkerInit(worker_nice) if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,
     )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..config import config_hash, positive_int
+from ..config import config_hash, positive_int, worker_nice
 from ..data import digits
 from ..data.shards import expand_shards
 from ..data.transforms import eval_transform, model_norm
@@ -58,7 +58,8 @@ def finish_training(cfg: DictConfig, accelerator, job: TrainJob, model_info: dic
     mean, std = model_norm(ema_model)
     img = int(model_info.get("test_img_size") or model_info["img_size"])
     metrics = evaluate(accelerator, ema_model, shards(cfg, "eval"), nc, eval_transform(img, cfg.data, mean, std),
-                       int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last))
+                       int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
+                       worker_nice(cfg, accelerator.device))
     info = {**model_info, "num_classes": nc, "params": count_params(ema_model)}
     summary = {
         "model": info,

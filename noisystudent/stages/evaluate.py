@@ -7,6 +7,7 @@ import logging
 
 from omegaconf import DictConfig
 
+from ..config import worker_nice
 from ..data.transforms import eval_transform, model_norm
 from ..errors import ConfigError
 from ..evaluation import evaluate
@@ -46,7 +47,8 @@ def run(cfg: DictConfig, accelerator) -> dict:
         mean, std = model_norm(model)
         metrics = evaluate(accelerator, model, eval_urls, nc,
                            eval_transform(int(info.get("test_img_size") or info["img_size"]), cfg.data, mean, std),
-                           int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last))
+                           int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
+                           worker_nice(cfg, accelerator.device))
         rows.append({"round": round_idx, "role": role, "model": info["name"], "params": info["params"],
                      "top1": metrics["top1"], "top5": metrics["top5"], "eval_images": metrics["images"],
                      "per_class_top1": metrics["per_class_top1"], "path": str(step_dir)})

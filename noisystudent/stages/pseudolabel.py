@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..config import worker_nice
 from ..data.shards import SampleDecoder, collate_counting, make_loader, rank_shards
 from ..data.transforms import eval_transform, model_norm
 from ..errors import ConfigError, DataError
@@ -82,7 +83,8 @@ def label_shards(cfg: DictConfig, accelerator, model, transform, img_size: int, 
     p = cfg.pseudolabel
     device = accelerator.device
     decoder = SampleDecoder(transform, None, labeled=False, draft_size=img_size if p.jpeg_draft else None)
-    loader = make_loader(ShardBatches(todo, decoder, int(p.batch_size)), int(cfg.num_workers), len(todo))
+    loader = make_loader(ShardBatches(todo, decoder, int(p.batch_size)), int(cfg.num_workers), len(todo),
+                         worker_nice(cfg, accelerator.device))
     meta = {"num_classes": nc, "topk": min(int(p.topk), nc), "temperature": float(p.temperature), "hard": bool(p.hard)}
     parts: dict[str, list] = {}
     corrupt: dict[str, list[str]] = {}

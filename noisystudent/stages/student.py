@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ..config import config_hash, positive_int, steps_per_epoch
+from ..config import config_hash, positive_int, steps_per_epoch, worker_nice
 from ..data.shards import SampleDecoder, make_loader, training_stream
 from ..data.transforms import model_norm, train_transform
 from ..engine import TrainJob
@@ -115,8 +115,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
     elif s.init != "scratch":
         raise ConfigError(f"student.init={s.init!r}: use scratch or teacher")
 
-    mean, std = model_norm(model)
-    tf = train_transform(preset.img_size, cfg.data, s.randaugment, mean, std)
+    tf = train_transform(preset.img_size, cfg.data, s.randaugment)
     batch_size = positive_int(cfg, "train.batch_size")
     ratio = float(s.unlabel_ratio)
     unl_batch = max(1, int(round(ratio * batch_size)))
@@ -128,7 +127,8 @@ def run(cfg: DictConfig, accelerator) -> dict:
     workers = int(cfg.num_workers)
     lab_workers = min(workers, max(1, round(workers / (1 + ratio)))) if workers else 0
     unl_workers = max(1, workers - lab_workers) if workers else 0
-    lab_batches = labeled_batches(cfg, labeled, tf, batch_size, lab_workers)
+    nice = worker_nice(cfg, accelerator.device)
+    lab_batches = labeled_batches(cfg, labeled, tf, batch_size, nice, lab_workers)
     join = JoinPseudoLabels(paths, selection, nc)
     unl_decoder = SampleDecoder(tf, None, labeled=False)
     buffer = int(cfg.train.shuffle_buffer)
@@ -136,7 +136,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
     def batches(seed: int):
         lab = lab_batches(seed)
         unl = iter(make_loader(training_stream(unl_urls, unl_decoder, unl_batch, buffer, seed + 17, [join]),
-                               unl_workers))
+                               unl_workers, worker_nice=nice))
         while True:
             a, b = next(lab), next(unl)
             yield {"images": torch.cat([a["images"], b["images"]]) if b["images"].numel() else a["images"],
@@ -153,6 +153,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
         global_batch=global_batch,
         batches=batches,
         loss=lambda logits, b: noisy_student_loss(logits, b["labels"], b.get("targets"), smoothing, weight),
+        input_norm=model_norm(model),
         config_hash=config_hash(cfg),
         extra_summary={
             "round": int(cfg.round),

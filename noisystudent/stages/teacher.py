@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..config import config_hash, positive_int, steps_per_epoch
+from ..config import config_hash, positive_int, steps_per_epoch, worker_nice
 from ..data.shards import SampleDecoder, count_samples, make_loader, training_stream
 from ..data.transforms import model_norm, train_transform
 from ..engine import TrainJob
@@ -14,14 +14,15 @@ from ..rundir import teacher_dir
 from .common import finish_training, num_classes, prepare_data, shards, skip_if_done
 
 
-def labeled_batches(cfg: DictConfig, urls: list[str], transform, batch_size: int, num_workers: int | None = None):
-    """seed -> endless iterator over shuffled, augmented labeled batches."""
+def labeled_batches(cfg: DictConfig, urls: list[str], transform, batch_size: int, nice: int,
+                    num_workers: int | None = None):
+    """seed -> endless iterator over shuffled, augmented labeled batches (loader workers at `nice`)."""
     workers = int(cfg.num_workers) if num_workers is None else num_workers
     decoder = SampleDecoder(transform, num_classes(cfg), labeled=True)
 
     def make(seed: int):
         stream = training_stream(urls, decoder, batch_size, int(cfg.train.shuffle_buffer), seed)
-        return iter(make_loader(stream, workers))
+        return iter(make_loader(stream, workers, worker_nice=nice))
 
     return make
 
@@ -39,7 +40,6 @@ def run(cfg: DictConfig, accelerator) -> dict:
     m = cfg.model
     model = create_model(m.name, nc, m.drop_rate, m.drop_path_rate, cfg.init.pretrained, cfg.init.file,
                          cfg.init.checkpoint)
-    mean, std = model_norm(model)
     batch_size = positive_int(cfg, "train.batch_size")
     global_batch = batch_size * accelerator.num_processes
     n_labeled = count_samples(labeled)
@@ -50,9 +50,10 @@ def run(cfg: DictConfig, accelerator) -> dict:
         epochs=float(cfg.train.epochs),
         steps_per_epoch=steps_per_epoch(n_labeled, global_batch),
         global_batch=global_batch,
-        batches=labeled_batches(cfg, labeled, train_transform(m.img_size, cfg.data, cfg.train.randaugment, mean, std),
-                                batch_size),
+        batches=labeled_batches(cfg, labeled, train_transform(m.img_size, cfg.data, cfg.train.randaugment), batch_size,
+                                worker_nice(cfg, accelerator.device)),
         loss=lambda logits, b: noisy_student_loss(logits, b["labels"], None, smoothing, 0.0),
+        input_norm=model_norm(model),
         config_hash=config_hash(cfg),
         extra_summary={"labeled_images": n_labeled, "randaugment": cfg.train.randaugment},
     )

@@ -1,0 +1,83 @@
+"""Training batches travel as uint8 and are normalized on the device; loader workers' priority."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cfg
+from PIL import Image
+from torchvision import transforms as T
+
+from noisystudent.config import worker_nice
+from noisystudent.data.shards import SampleDecoder, collate_counting, make_loader
+from noisystudent.data.transforms import InputNormalizer, ToHWCArray, stack_hwc, train_transform
+from noisystudent.errors import ConfigError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _jpeg(seed: int, size=(48, 40)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_normalized_batch_equals_totensor_normalize(channels_last):
+    """uint8 batch -> InputNormalizer gives the numbers torchvision's ToTensor + Normalize give per image."""
+    imgs = [Image.open(io.BytesIO(_jpeg(s))).convert("RGB") for s in range(3)]
+    reference = torch.stack([T.Normalize(MEAN, STD)(T.ToTensor()(im)) for im in imgs])
+    batch = stack_hwc([ToHWCArray()(im) for im in imgs])
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 40, 48)
+    out = InputNormalizer(MEAN, STD, channels_last)(batch)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        InputNormalizer(MEAN, STD, channels_last)(out)
+
+
+def test_train_transform_is_noisy_uint8_and_collates_channels_last():
+    """The training transform (crop, flip, RandAugment) ends in HWC uint8; each call draws new noise;
+    a batch of them is an NCHW uint8 tensor already laid out channels_last; corrupt images are counted."""
+    cfg = make_cfg()
+    tf = train_transform(32, cfg.data, "rand-n2-m27-mmax27")
+    img = Image.open(io.BytesIO(_jpeg(0))).convert("RGB")
+    a, b = tf(img), tf(img)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    assert not np.array_equal(a, b)  # noise on: two draws of the same image differ
+    decode = SampleDecoder(tf, 10, labeled=True)
+    samples = [decode({"__key__": f"k{i}", "jpg": _jpeg(i), "cls": b"3"}) for i in range(4)]
+    samples.append(decode({"__key__": "bad", "jpg": b"not a jpeg", "cls": b"1"}))
+    batch = collate_counting(samples)
+    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.uint8
+    assert batch["images"].is_contiguous(memory_format=torch.channels_last)
+    assert batch["n_corrupt"] == 1 and batch["corrupt_keys"] == ["bad"]
+    assert batch["labels"].tolist() == [3, 3, 3, 3]
+
+
+class _NiceProbe(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.nice(0)
+
+
+def test_loader_workers_run_at_lower_priority():
+    parent = os.nice(0)
+    got = list(make_loader(_NiceProbe(), num_workers=1, worker_nice=7))
+    assert got == [min(19, parent + 7)]
+    assert list(make_loader(_NiceProbe(), num_workers=1)) == [parent]
+    assert os.nice(0) == parent  # the main process keeps its priority
+
+
+def test_worker_nice_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert worker_nice(make_cfg(), cpu) == 19 and worker_nice(make_cfg(), cuda) == 0
+    assert worker_nice(make_cfg("worker_nice=5"), cuda) == 5
+    with pytest.raises(ConfigError, match="worker_nice"):
+        worker_nice(make_cfg("worker_nice=25"), cpu)
+
