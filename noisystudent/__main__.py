@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, NoisyStudentError
+from .host_memory import keep_freed_memory
 
 log = logging.getLogger("noisystudent")
 
@@ -42,6 +43,11 @@ def make_accelerator(cfg: DictConfig):
         raise ConfigError(f"launched as {world} processes (WORLD_SIZE) but accelerate set up "
                           f"{accelerator.num_processes}; check the launcher's settings")
     set_seed(int(cfg.seed) + accelerator.process_index)
+    reuse = cfg.get("keep_freed_memory", "auto")
+    if reuse not in ("auto", True, False):
+        raise ConfigError(f"keep_freed_memory={reuse!r}: use auto (on when the model runs on a CPU), true or false")
+    if reuse is True or (reuse == "auto" and accelerator.device.type == "cpu"):
+        keep_freed_memory()
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     return accelerator

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 
 # Keys that change how a step runs, not what it computes: left out of the config hash.
-_RUNTIME_KEYS = ("stage", "force", "resume", "num_workers", "worker_nice", "run_dir", "max_steps")
+_RUNTIME_KEYS = ("stage", "force", "resume", "num_workers", "worker_nice", "keep_freed_memory", "run_dir",
+                 "max_steps")
 
 
 def config_hash(cfg: DictConfig) -> str:
