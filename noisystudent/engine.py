@@ -27,7 +27,6 @@ from .errors import ConfigError, NoisyStudentError
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-_W = [0.0]
 
 
 @dataclass
@@ -168,9 +167,7 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     last_loss = float("nan")
     try:
         while step < total_steps:
-            _tw = time.perf_counter()
             batch = next(batches)
-            _W[0] += time.perf_counter() - _tw
             corrupt += batch["n_corrupt"]
             for err in batch.get("shard_errors", ()):
                 shard_errors[err] = shard_errors.get(err, 0) + 1
@@ -215,7 +212,6 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
     loop_end = time.time()
-    print("WAIT", _W[0], "TOTAL", loop_end - t0, file=sys.stderr)
     wall = loop_end - t0
     in_sync = replicas_in_sync(accelerator, accelerator.unwrap_model(model))
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
