@@ -169,10 +169,13 @@ def main():
         print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
 
-    from noisystudent.data.transforms import eval_transform, model_norm
+    from timm.data import create_transform
+
+    from noisystudent.data.transforms import model_norm
 
     mean, std = model_norm(model)
-    tf = eval_transform(r["img_size"], {"crop_pct": 0.875}, mean, std)
+    # the plain loop's transform: timm's eval transform as timm users run it (float, normalized per image)
+    tf = create_transform(r["img_size"], is_training=False, crop_pct=0.875, interpolation="bicubic", mean=mean, std=std)
     res = {"regime": args.regime, "model": r["model"], "img_size": r["img_size"], "source_jpeg": r["src"],
            "images": n, "batch": r["batch"], "workers": args.workers, "torch_threads": torch.get_num_threads()}
     # the limit: the model's forward on ready tensors, NCHW and channels_last (timm's --channels-last)

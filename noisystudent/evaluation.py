@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .data.shards import SampleDecoder, make_loader, ordered_stream, rank_shards
+from .data.transforms import InputNormalizer, model_norm
 
 
 @torch.inference_mode()
@@ -16,6 +17,7 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
     device = accelerator.device
     model = model.to(device).eval()
     decoder = SampleDecoder(transform, num_classes, labeled=True)
+    normalize = InputNormalizer(*model_norm(model), channels_last=channels_last)
     mine = rank_shards(urls, accelerator.process_index, accelerator.num_processes)
     loader = make_loader(ordered_stream(urls, decoder, batch_size), num_workers, len(mine), worker_nice)
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
@@ -28,9 +30,7 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
             corrupt += batch["n_corrupt"]
             if batch["images"].numel() == 0:
                 continue
-            images = batch["images"].to(device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = normalize(batch["images"].to(device))
             labels = batch["labels"].to(device)
             with accelerator.autocast():
                 logits = model(images)

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from noisystudent.config import worker_nice
 from noisystudent.data.shards import SampleDecoder, collate_counting, make_loader
-from noisystudent.data.transforms import InputNormalizer, ToHWCArray, stack_hwc, train_transform
+from noisystudent.data.transforms import InputNormalizer, ToHWCArray, eval_transform, stack_hwc, train_transform
 from noisystudent.errors import ConfigError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -63,6 +63,15 @@ def test_train_transform_is_noisy_uint8_and_collates_channels_last():
     assert batch["images"].is_contiguous(memory_format=torch.channels_last)
     assert batch["n_corrupt"] == 1 and batch["corrupt_keys"] == ["bad"]
     assert batch["labels"].tolist() == [3, 3, 3, 3]
+
+
+def test_eval_transform_is_clean_uint8():
+    """Labeling and evaluation see the same crop every time (noise off), as uint8 like training."""
+    tf = eval_transform(32, make_cfg().data)
+    img = Image.open(io.BytesIO(_jpeg(1))).convert("RGB")
+    a = tf(img)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    assert np.array_equal(a, tf(img))
 
 
 class _NiceProbe(torch.utils.data.IterableDataset):

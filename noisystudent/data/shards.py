@@ -121,7 +121,8 @@ def parse_label(sample: dict, num_classes: int) -> int:
 
 
 class SampleDecoder:
-    """Turn a raw webdataset sample into (key, image tensor or None, label).
+    """Turn a raw webdataset sample into (key, image or None, label); the image is what the transform
+    makes (our transforms: HWC uint8 arrays).
 
     A sample with no image entry at all is an error (the shards are not image shards); an image
     entry that does not decode is a corrupt image: returned with tensor None, counted, dropped."""
@@ -181,7 +182,7 @@ def collate_counting(samples: list[dict]) -> dict:
     }
     if not good:
         batch["images"] = torch.empty(0)
-    elif isinstance(good[0]["image"], np.ndarray):  # training transforms give HWC uint8 (transforms.py)
+    elif isinstance(good[0]["image"], np.ndarray):  # our transforms give HWC uint8 (transforms.py)
         batch["images"] = stack_hwc([s["image"] for s in good])
     else:
         batch["images"] = torch.stack([s["image"] for s in good])

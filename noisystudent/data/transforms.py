@@ -3,11 +3,12 @@
 Noise (RandAugment) is a *training* transform only: the teacher labels through the clean eval
 transform, as the paper prescribes.
 
-Training images leave the loader workers as uint8 (timm's prefetcher convention): the workers do
-only the PIL work (crop, flip, RandAugment), and `InputNormalizer` turns the whole batch into
-normalized floats on the device. A uint8 batch is a quarter of the float one to pass between
-processes (and to copy to a GPU), and one batched normalize costs less than per-image ToTensor +
-Normalize in the workers, which on a CPU-bound box compete with the training step for the cores."""
+Images leave the loader workers as uint8 (timm's prefetcher convention), for training, evaluation
+and labeling alike: the workers do only the PIL work (crop, flip, RandAugment; resize and center
+crop), and `InputNormalizer` turns the whole batch into normalized floats on the device. A uint8
+batch is a quarter of the float one to pass between processes (and to copy to a GPU), and one
+batched normalize costs less than per-image ToTensor + Normalize in the workers, which on a
+CPU-bound box compete with the model for the cores."""
 
 from __future__ import annotations
 
@@ -81,13 +82,13 @@ class InputNormalizer:
         return x.mul_(self.scale).sub_(self.shift)
 
 
-def eval_transform(img_size: int, data_cfg, mean, std):
-    """Resize + center crop (crop_pct) + normalize: no augmentation."""
-    return create_transform(
+def eval_transform(img_size: int, data_cfg):
+    """Resize + center crop (crop_pct), no augmentation -> HWC uint8 (normalized by `InputNormalizer`)."""
+    resize_crop = create_transform(
         img_size,
         is_training=False,
         crop_pct=float(data_cfg.get("crop_pct", 0.875)),
         interpolation="bicubic",
-        mean=mean,
-        std=std,
+        use_prefetcher=True,  # no ToTensor + Normalize: its last stage is a uint8 conversion, replaced below
     )
+    return transforms.Compose([*resize_crop.transforms[:-1], ToHWCArray()])

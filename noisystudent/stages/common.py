@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from ..config import config_hash, positive_int, worker_nice
 from ..data import digits
 from ..data.shards import expand_shards
-from ..data.transforms import eval_transform, model_norm
+from ..data.transforms import eval_transform
 from ..engine import CHECKPOINT, TrainJob, fit
 from ..evaluation import evaluate
 from ..models import count_params, export_model
@@ -55,9 +55,8 @@ def finish_training(cfg: DictConfig, accelerator, job: TrainJob, model_info: dic
     ema_model, summary = fit(accelerator, cfg, job)
     t0 = time.time()
     nc = num_classes(cfg)
-    mean, std = model_norm(ema_model)
     img = int(model_info.get("test_img_size") or model_info["img_size"])
-    metrics = evaluate(accelerator, ema_model, shards(cfg, "eval"), nc, eval_transform(img, cfg.data, mean, std),
+    metrics = evaluate(accelerator, ema_model, shards(cfg, "eval"), nc, eval_transform(img, cfg.data),
                        int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
                        worker_nice(cfg, accelerator.device))
     info = {**model_info, "num_classes": nc, "params": count_params(ema_model)}

@@ -8,7 +8,7 @@ import logging
 from omegaconf import DictConfig
 
 from ..config import worker_nice
-from ..data.transforms import eval_transform, model_norm
+from ..data.transforms import eval_transform
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..models import load_exported_model
@@ -44,9 +44,8 @@ def run(cfg: DictConfig, accelerator) -> dict:
         model, info = load_exported_model(step_dir, "")
         if info["num_classes"] != nc:
             raise ConfigError(f"{step_dir} holds a {info['num_classes']}-class model but data.num_classes={nc}")
-        mean, std = model_norm(model)
         metrics = evaluate(accelerator, model, eval_urls, nc,
-                           eval_transform(int(info.get("test_img_size") or info["img_size"]), cfg.data, mean, std),
+                           eval_transform(int(info.get("test_img_size") or info["img_size"]), cfg.data),
                            int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
                            worker_nice(cfg, accelerator.device))
         rows.append({"round": round_idx, "role": role, "model": info["name"], "params": info["params"],

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import worker_nice
 from ..data.shards import SampleDecoder, collate_counting, make_loader, rank_shards
-from ..data.transforms import eval_transform, model_norm
+from ..data.transforms import InputNormalizer, eval_transform, model_norm
 from ..errors import ConfigError, DataError
 from ..inference import prepare
 from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, probs_to_topk, write_label_file
@@ -77,8 +77,8 @@ class ShardBatches(IterableDataset):
             yield {**collate_counting(pending), "shard": url, "last": True}
 
 
-def label_shards(cfg: DictConfig, accelerator, model, transform, img_size: int, todo: list[str],
-                 paths: dict[str, Path], nc: int) -> dict:
+def label_shards(cfg: DictConfig, accelerator, model, transform, normalize: InputNormalizer, img_size: int,
+                 todo: list[str], paths: dict[str, Path], nc: int) -> dict:
     """Label the shards in `todo` (this process's share); returns this process's counts."""
     p = cfg.pseudolabel
     device = accelerator.device
@@ -105,9 +105,7 @@ def label_shards(cfg: DictConfig, accelerator, model, transform, img_size: int, 
                 continue
             corrupt.setdefault(url, []).extend(batch["corrupt_keys"])
             if batch["images"].numel():
-                images = batch["images"].to(device, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = normalize(batch["images"].to(device, non_blocking=True))
                 with accelerator.autocast():
                     logits = model(images)
                 probs = torch.softmax(logits.float() / temperature, dim=1)
@@ -179,14 +177,14 @@ def run(cfg: DictConfig, accelerator) -> dict:
              len(mine) - len(todo))
 
     img_size = int(info.get("test_img_size") or info["img_size"])
-    mean, std = model_norm(model)
-    transform = eval_transform(img_size, cfg.data, mean, std)
+    transform = eval_transform(img_size, cfg.data)
+    normalize = InputNormalizer(*model_norm(model), channels_last=bool(cfg.channels_last))
     example = torch.randn(2, 3, img_size, img_size)
     model, applied = prepare(model, example, bool(cfg.pseudolabel.fuse_bn), bool(cfg.channels_last),
                              bool(cfg.pseudolabel.compile))
     model = model.to(accelerator.device)
     t0 = time.time()
-    stats = label_shards(cfg, accelerator, model, transform, img_size, todo, paths, nc) if todo else {
+    stats = label_shards(cfg, accelerator, model, transform, normalize, img_size, todo, paths, nc) if todo else {
         "images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
     wall = time.time() - t0
     labeled_now = int(accelerator.reduce(torch.tensor(stats["images"], device=accelerator.device), "sum"))
