@@ -21,7 +21,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from .config import learning_rate
-from .data.transforms import InputNormalizer
+from .data.transforms import InputNormalizer, model_norm
 from .errors import ConfigError, NoisyStudentError
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ class TrainJob:
     batches: Callable[[int], Iterator[dict]]
     # (logits, batch on device) -> (loss, parts to log)
     loss: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
-    # the model's (mean, std): batches come as uint8 (data/transforms.py) and are normalized on the device
-    input_norm: tuple[tuple, tuple]
     config_hash: str = ""
     extra_summary: dict = field(default_factory=dict)
 
@@ -157,7 +155,8 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(set=True))
     # Seed the stream with the start step so a resumed run does not replay the same batches.
     batches = job.batches(int(cfg.seed) * 1_000_003 + step * 7919 + accelerator.process_index)
-    normalize = InputNormalizer(*job.input_norm, channels_last=bool(cfg.channels_last))
+    # batches come as uint8 (data/transforms.py), normalized here with the model's mean and std
+    normalize = InputNormalizer(*model_norm(job.model), channels_last=bool(cfg.channels_last))
     model.train()
     t0 = time.time()
     loop_images, loop_t0 = 0, None

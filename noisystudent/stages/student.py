@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from ..config import config_hash, positive_int, steps_per_epoch, worker_nice
 from ..data.shards import SampleDecoder, make_loader, training_stream
-from ..data.transforms import model_norm, train_transform
+from ..data.transforms import train_transform
 from ..engine import TrainJob
 from ..errors import ConfigError, DataError, MissingInputError
 from ..labels import LabelFile, label_paths, soft_targets
@@ -153,7 +153,6 @@ def run(cfg: DictConfig, accelerator) -> dict:
         global_batch=global_batch,
         batches=batches,
         loss=lambda logits, b: noisy_student_loss(logits, b["labels"], b.get("targets"), smoothing, weight),
-        input_norm=model_norm(model),
         config_hash=config_hash(cfg),
         extra_summary={
             "round": int(cfg.round),

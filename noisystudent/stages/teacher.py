@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 from ..config import config_hash, positive_int, steps_per_epoch, worker_nice
 from ..data.shards import SampleDecoder, count_samples, make_loader, training_stream
-from ..data.transforms import model_norm, train_transform
+from ..data.transforms import train_transform
 from ..engine import TrainJob
 from ..losses import noisy_student_loss
 from ..models import check_model_name, create_model
@@ -53,7 +53,6 @@ def run(cfg: DictConfig, accelerator) -> dict:
         batches=labeled_batches(cfg, labeled, train_transform(m.img_size, cfg.data, cfg.train.randaugment), batch_size,
                                 worker_nice(cfg, accelerator.device)),
         loss=lambda logits, b: noisy_student_loss(logits, b["labels"], None, smoothing, 0.0),
-        input_norm=model_norm(model),
         config_hash=config_hash(cfg),
         extra_summary={"labeled_images": n_labeled, "randaugment": cfg.train.randaugment},
     )
