@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -121,11 +120,11 @@ def parse_label(sample: dict, num_classes: int) -> int:
 
 
 class SampleDecoder:
-    """Turn a raw webdataset sample into (key, image or None, label); the image is what the transform
-    makes (our transforms: HWC uint8 arrays).
+    """Turn a raw webdataset sample into (key, image or None, label); the image is the transform's
+    HWC uint8 array (transforms.py).
 
     A sample with no image entry at all is an error (the shards are not image shards); an image
-    entry that does not decode is a corrupt image: returned with tensor None, counted, dropped."""
+    entry that does not decode is a corrupt image: returned with image None, counted, dropped."""
 
     def __init__(self, transform: Callable, num_classes: int | None, labeled: bool, draft_size: int | None = None):
         self.transform = transform
@@ -180,12 +179,8 @@ def collate_counting(samples: list[dict]) -> dict:
         "n_corrupt": len(samples) - len(good),
         "corrupt_keys": [s["key"] for s in samples if s["image"] is None],
     }
-    if not good:
-        batch["images"] = torch.empty(0)
-    elif isinstance(good[0]["image"], np.ndarray):  # our transforms give HWC uint8 (transforms.py)
-        batch["images"] = stack_hwc([s["image"] for s in good])
-    else:
-        batch["images"] = torch.stack([s["image"] for s in good])
+    # our transforms give HWC uint8 arrays (transforms.py); the device normalizes the batch
+    batch["images"] = stack_hwc([s["image"] for s in good]) if good else torch.empty(0)
     if good and "target" in good[0]:
         batch["targets"] = torch.stack([s["target"] for s in good])
     return batch
