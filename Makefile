@@ -4,7 +4,7 @@ VENV ?= $(HOME)/.venvs/noisystudent
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint clean
 
 $(PY):
 	python3 -m venv $(VENV)

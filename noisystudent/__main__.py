@@ -58,7 +58,26 @@ def run_stage(cfg: DictConfig, accelerator=None):
     if name not in _MODULES:
         raise ConfigError(f"stage={name!r} is not a stage: use one of {', '.join(_MODULES)}")
     module = importlib.import_module(f".stages.{_MODULES[name]}", __package__)
-    return module.run(cfg, accelerator or make_accelerator(cfg))
+    accelerator = accelerator or make_accelerator(cfg)
+    if hasattr(module, "STEP"):  # a step of the loop: run under the stage contract (stages/contract.py)
+        from .stages.contract import run_step
+
+        return run_step(module.STEP, cfg, accelerator)
+    return module.run(cfg, accelerator)
+
+
+def end_child_processes() -> None:
+    """Kill this process's children (DataLoader workers) before an error exit. Workers ignore SIGTERM
+    (so that a scheduler's SIGTERM lets the main process checkpoint first), and Python's exit handler
+    stops children with SIGTERM and then waits for them: without this, a process leaving on an error
+    raised while a loader was running would wait at exit forever, holding its GPUs."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://noisystudent.conf", config_name="config")
@@ -70,7 +89,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except NoisyStudentError as e:
         # caught here, inside hydra.main, which would otherwise print it with its own advice and exit 1
         print(f"noisystudent error: {_user_message(e)}", file=sys.stderr)
+        end_child_processes()
         sys.exit(e.exit_code)
+    except BaseException:
+        end_child_processes()  # then Hydra prints the traceback (a bug, not a user error) and exits 1
+        raise
 
 
 def _user_message(exc: BaseException) -> str:
@@ -82,7 +105,26 @@ def _user_message(exc: BaseException) -> str:
     return text.strip()
 
 
+def die_with_launcher() -> None:
+    """torchrun / accelerate launch start each rank in a session of its own, so a launcher killed outright
+    (SIGKILL, the OOM killer) would leave its ranks running on alone, holding their GPUs. Under a
+    launcher, ask the kernel to SIGKILL this rank when its parent dies (Linux; elsewhere a no-op)."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(137)
+
+
 def main() -> None:
+    die_with_launcher()
     _hydra_main()
 
 

@@ -1,25 +1,19 @@
-"""Config checks and derived values shared by the stages."""
+"""Reading the config: checks, typed settings built once, and what a step's result depends on.
+
+Stages turn the (Hydra) config into small typed settings objects here, checked before any work
+starts; the training loop and the data streams take those objects, never the config itself."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
-
-# Keys that change how a step runs, not what it computes: left out of the config hash.
-_RUNTIME_KEYS = ("stage", "force", "resume", "num_workers", "worker_nice", "keep_freed_memory", "run_dir",
-                 "max_steps")
-
-
-def config_hash(cfg: DictConfig) -> str:
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    for k in _RUNTIME_KEYS:
-        plain.pop(k, None)
-    return hashlib.sha1(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def require(cfg: DictConfig, key: str, hint: str = ""):
@@ -35,16 +29,47 @@ def require(cfg: DictConfig, key: str, hint: str = ""):
 
 def positive_int(cfg: DictConfig, key: str) -> int:
     value = require(cfg, key)
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key}={value!r} must be a positive integer")
     return value
 
 
-def learning_rate(optim_cfg: DictConfig, global_batch: int) -> float:
+def positive_float(value, key: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} must be a number > 0") from None
+    if not math.isfinite(out) or out <= 0:
+        raise ConfigError(f"{key}={value!r} must be a number > 0")
+    return out
+
+
+def optional_positive_int(cfg: DictConfig, key: str) -> int | None:
+    return None if OmegaConf.select(cfg, key) is None else positive_int(cfg, key)
+
+
+def round_number(cfg: DictConfig) -> int:
+    """`round` for a pseudolabel or student step: round K is labeled by the model that finished K-1."""
+    value = cfg.get("round")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"round={value!r} must be an integer >= 1 (round 1 is labeled by the teacher)")
+    return value
+
+
+def check_randaugment(value, key: str) -> str | None:
+    if value and not str(value).startswith("rand"):
+        raise ConfigError(
+            f"{key}={value!r} is not a timm RandAugment string: use e.g. 'rand-n2-m9-mmax27' (n = ops per "
+            "image, m = magnitude, mmax = magnitude scale), or null"
+        )
+    return str(value) if value else None
+
+
+def learning_rate(optim_cfg, global_batch: int) -> float:
     """optim.lr when set, else optim.lr_per_256 scaled linearly by the global batch."""
     if optim_cfg.get("lr") is not None:
-        return float(optim_cfg.lr)
-    return float(optim_cfg.lr_per_256) * global_batch / 256.0
+        return float(optim_cfg["lr"])
+    return float(optim_cfg["lr_per_256"]) * global_batch / 256.0
 
 
 def steps_per_epoch(n_images: int, global_batch: int) -> int:
@@ -59,3 +84,111 @@ def worker_nice(cfg: DictConfig, device) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 19:
         raise ConfigError(f"worker_nice={value!r}: use auto or an integer from 0 (same priority as training) to 19")
     return value
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything the training loop reads, checked once (see `train_settings`)."""
+
+    epochs: float
+    batch_size: int  # per device
+    label_smoothing: float
+    randaugment: str | None
+    ema_decay: float
+    ema_warmup: bool
+    grad_clip: float | None
+    shuffle_buffer: int
+    ckpt_every_steps: int
+    log_every_steps: int
+    max_steps: int | None
+    resume: str
+    seed: int
+    channels_last: bool
+    num_workers: int
+    optim: dict
+    sched: dict
+
+
+def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettings:
+    """`train.*` (+ optim, sched, the run keys), where each key of the `overrides` section (e.g.
+    `student`) that is set replaces the train key of the same name: a student can have its own
+    epochs, RandAugment, EMA decay or gradient clip."""
+
+    def pick(name: str) -> tuple[str, object]:
+        if overrides and OmegaConf.select(cfg, f"{overrides}.{name}") is not None:
+            return f"{overrides}.{name}", OmegaConf.select(cfg, f"{overrides}.{name}")
+        return f"train.{name}", OmegaConf.select(cfg, f"train.{name}")
+
+    epochs_key, epochs = pick("epochs")
+    ra_key, randaugment = pick("randaugment")
+    ema_key, ema_decay = pick("ema_decay")
+    clip_key, grad_clip = pick("grad_clip")
+    if not isinstance(ema_decay, int | float) or not 0.0 <= float(ema_decay) < 1.0:
+        raise ConfigError(f"{ema_key}={ema_decay!r} must be in [0, 1) (e.g. 0.9999)")
+    smoothing = OmegaConf.select(cfg, "train.label_smoothing")
+    if not isinstance(smoothing, int | float) or not 0.0 <= float(smoothing) < 1.0:
+        raise ConfigError(f"train.label_smoothing={smoothing!r} must be in [0, 1)")
+    resume = cfg.get("resume", "auto")
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"resume={resume!r}: use auto or never")
+    workers = cfg.get("num_workers", 0)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ConfigError(f"num_workers={workers!r} must be an integer >= 0")
+    for key in ("optim.name", "sched.name"):
+        require(cfg, key)
+    return TrainSettings(
+        epochs=positive_float(epochs, epochs_key),
+        batch_size=positive_int(cfg, "train.batch_size"),
+        label_smoothing=float(smoothing),
+        randaugment=check_randaugment(randaugment, ra_key),
+        ema_decay=float(ema_decay),
+        ema_warmup=bool(cfg.train.get("ema_warmup", True)),
+        grad_clip=None if grad_clip is None else positive_float(grad_clip, clip_key),
+        shuffle_buffer=positive_int(cfg, "train.shuffle_buffer"),
+        ckpt_every_steps=positive_int(cfg, "train.ckpt_every_steps"),
+        log_every_steps=positive_int(cfg, "train.log_every_steps"),
+        max_steps=optional_positive_int(cfg, "max_steps"),
+        resume=resume,
+        seed=int(cfg.seed),
+        channels_last=bool(cfg.channels_last),
+        num_workers=workers,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        sched=OmegaConf.to_container(cfg.sched, resolve=True),
+    )
+
+
+# Keys that change how a step runs, not what it computes: never part of a step's settings.
+HOW_KEYS = ("train.ckpt_every_steps", "train.log_every_steps")
+# The keys that define the data a training step reads (the digits keys are null for data=shards).
+DATA_KEYS = ("data.num_classes", "data.crop_scale", "data.crop_pct", "data.hflip", "data.labels_per_class",
+             "data.eval_fraction", "data.split_seed")
+
+
+def read_settings(cfg: DictConfig, keys: Iterable[str], drop: Iterable[str] = ()) -> dict:
+    """The flattened values (dotted key -> value) of the config keys a step reads: what its result
+    depends on, stored in its summary.json and compared when a finished step is skipped."""
+    out: dict = {}
+
+    def flatten(key, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{key}.{k}", v)
+        else:
+            out[key] = value
+
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        flatten(key, OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
+    skip = set(HOW_KEYS) | set(drop)
+    return {k: v for k, v in sorted(out.items()) if k not in skip}
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """`key (old -> new)` for every key whose value differs (JSON round-trip: tuples equal lists)."""
+    norm = json.loads(json.dumps(now, default=str))
+    return [f"{k} ({before.get(k)!r} -> {norm.get(k)!r})" for k in sorted(set(before) | set(norm))
+            if before.get(k) != norm.get(k)]

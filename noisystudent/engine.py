@@ -1,12 +1,12 @@
 """The one training loop: teacher, student (and any fine-tune) all run through `fit`.
 
 What differs between stages is only the batch stream and the loss (see `TrainJob`); the loop
-owns optimizer, schedule, EMA, mixed precision, checkpoint/resume and progress reporting."""
+owns optimizer, schedule, EMA, mixed precision, checkpoint/resume and progress reporting. It reads
+no config: its settings come checked and typed (`config.TrainSettings`)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
@@ -20,13 +20,17 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .config import learning_rate
+from .config import TrainSettings, learning_rate
 from .data.transforms import InputNormalizer, model_norm
-from .errors import ConfigError, NoisyStudentError
+from .errors import DataError, NoisyStudentError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+# A training stream that has not decoded one image in this many samples in a row is not a stream
+# with a few corrupt images: it stops with the first error instead of looping forever.
+EMPTY_SAMPLES_LIMIT = 10_000
 
 
 @dataclass
@@ -35,40 +39,35 @@ class TrainJob:
 
     step_dir: Path
     model: torch.nn.Module
-    epochs: float
+    settings: TrainSettings
     steps_per_epoch: int
     global_batch: int
     # seed -> endless iterator of batches (dicts with "images" plus what `loss` reads)
     batches: Callable[[int], Iterator[dict]]
     # (logits, batch on device) -> (loss, parts to log)
     loss: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
-    config_hash: str = ""
+    settings_hash: str = ""
     extra_summary: dict = field(default_factory=dict)
 
 
-def _optimizer(model, optim_cfg, lr: float):
-    extra = {k: v for k, v in optim_cfg.items() if k not in ("name", "lr", "lr_per_256", "weight_decay", "momentum")}
-    kwargs = {"momentum": float(optim_cfg.momentum)} if "momentum" in optim_cfg else {}
-    return create_optimizer_v2(model, opt=optim_cfg.name, lr=lr, weight_decay=float(optim_cfg.weight_decay),
+def _optimizer(model, optim: dict, lr: float):
+    extra = {k: v for k, v in optim.items() if k not in ("name", "lr", "lr_per_256", "weight_decay", "momentum")}
+    kwargs = {"momentum": float(optim["momentum"])} if "momentum" in optim else {}
+    return create_optimizer_v2(model, opt=optim["name"], lr=lr, weight_decay=float(optim["weight_decay"]),
                                **kwargs, **extra)
 
 
-def _scheduler(optimizer, sched_cfg, epochs: float, steps_per_epoch: int):
-    extra = {k: v for k, v in sched_cfg.items() if k != "name"}
-    scheduler, _ = create_scheduler_v2(optimizer, sched=sched_cfg.name, num_epochs=max(1, round(epochs)),
+def _scheduler(optimizer, sched: dict, epochs: float, steps_per_epoch: int):
+    extra = {k: v for k, v in sched.items() if k != "name"}
+    scheduler, _ = create_scheduler_v2(optimizer, sched=sched["name"], num_epochs=max(1, round(epochs)),
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch, **extra)
     return scheduler
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill mid-write leaves the previous
-    checkpoint intact and never a truncated file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    """A kill mid-write leaves the previous checkpoint intact, never a truncated file under the real name."""
+    with atomic_write(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -99,71 +98,104 @@ def replicas_in_sync(accelerator, model) -> bool:
     return bool((gathered == gathered[0]).all())
 
 
-def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
+class _EmptyStreamGuard:
+    """Counts the samples since the last decoded image; past EMPTY_SAMPLES_LIMIT, a DataError naming the
+    shards those samples came from and the first error seen."""
+
+    def __init__(self):
+        self.samples, self.shards, self.first_error = 0, set(), None
+
+    def empty(self, batch: dict, stream: str) -> None:
+        self.samples += batch["n_corrupt"]
+        self.shards.update(batch.get("corrupt_shards", ()))
+        self.first_error = self.first_error or batch.get("first_error")
+        if batch["n_corrupt"] == 0 and not batch.get("shard_errors"):
+            self.samples += 1  # a batch with nothing in it at all counts too, so this cannot loop forever
+        if self.samples >= EMPTY_SAMPLES_LIMIT:
+            shards = sorted(self.shards)
+            more = f" (and {len(shards) - 5} more)" if len(shards) > 5 else ""
+            raise DataError(
+                f"{stream}: not one image decoded in the last {self.samples} samples, from shard(s) "
+                f"{', '.join(shards[:5]) or '(none named)'}{more}; first error: {self.first_error or 'none recorded'}. "
+                "Check that these shards hold images the decoder reads (jpg, png, webp)")
+
+    def reset(self) -> None:
+        self.samples, self.shards, self.first_error = 0, set(), None
+
+
+def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     """Train job.model; return (EMA model, training summary). Resumes from job.step_dir/checkpoint.pt."""
+    s = job.settings
     device = accelerator.device
     model = job.model.to(device)
-    if cfg.channels_last:
+    if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    lr = learning_rate(cfg.optim, job.global_batch)
-    optimizer = _optimizer(model, cfg.optim, lr)
-    scheduler = _scheduler(optimizer, cfg.sched, job.epochs, job.steps_per_epoch)
-    ema = ModelEmaV3(model, decay=float(cfg.train.ema_decay), use_warmup=bool(cfg.train.ema_warmup))
-    total_steps = max(1, round(job.epochs * job.steps_per_epoch))
-    if cfg.max_steps:
-        total_steps = min(total_steps, int(cfg.max_steps))
+    lr = learning_rate(s.optim, job.global_batch)
+    optimizer = _optimizer(model, s.optim, lr)
+    scheduler = _scheduler(optimizer, s.sched, s.epochs, job.steps_per_epoch)
+    ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=s.ema_warmup)
+    total_steps = max(1, round(s.epochs * job.steps_per_epoch))
+    if s.max_steps:
+        total_steps = min(total_steps, s.max_steps)
 
     ckpt_path = job.step_dir / CHECKPOINT
     step, images_seen, corrupt, prior_wall = 0, 0, 0, 0.0
     shard_errors: dict[str, int] = {}  # error (with the shard's url) -> times hit; shards are resampled
     resumed_from = None
-    if cfg.resume == "auto" and ckpt_path.exists():
+    if s.resume == "auto" and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        ema.load_state_dict(state["model_ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, images_seen, corrupt, prior_wall = (state["step"], state["images_seen"], state["corrupt"],
                                                   state["wall_s"])
         resumed_from = step
         log.info("resuming %s at step %d / %d", job.step_dir, step, total_steps)
-        if state.get("config_hash") != job.config_hash:
-            log.warning("%s was written with another config (hash %s, now %s): continuing with the new one; "
-                        "resume=never (or force=true) starts the step again", ckpt_path, state.get("config_hash"),
-                        job.config_hash)
-    elif cfg.resume not in ("auto", "never"):
-        raise ConfigError(f"resume={cfg.resume!r}: use auto or never")
+        if state.get("settings_hash") != job.settings_hash:
+            log.warning("%s was written with other settings (hash %s, now %s): continuing with the new ones; "
+                        "resume=never (or force=true) starts the step again", ckpt_path, state.get("settings_hash"),
+                        job.settings_hash)
     # Every process loaded the same checkpoint into the bare modules above; prepare only wraps them
     # (DDP broadcasts rank 0's weights, which are the same), so nothing loaded is lost.
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler.step_update(num_updates=step)
 
     log.info("training %s: %d steps (%.3g epochs x %d), global batch %d, lr %.3g, %d process(es)",
-             job.step_dir.name, total_steps, job.epochs, job.steps_per_epoch, job.global_batch, lr,
+             job.step_dir.name, total_steps, s.epochs, job.steps_per_epoch, job.global_batch, lr,
              accelerator.num_processes)
 
     def snapshot():
         return {
-            "model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+            # model_ema: the key timm's load_state_dict(use_ema=True) reads, so the checkpoint loads in timm
+            "model": accelerator.unwrap_model(model).state_dict(), "model_ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
             "images_seen": images_seen, "corrupt": corrupt, "wall_s": prior_wall + time.time() - t0,
-            "config_hash": job.config_hash,
+            "settings_hash": job.settings_hash,
         }
+
+    def checkpoint():
+        state = snapshot()
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt_path, state)
+        accelerator.wait_for_everyone()
 
     # SIGTERM (Slurm preemption/requeue, a scheduler's timeout) -> checkpoint at the end of the step, then exit
     stop_flag = {"set": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(set=True))
     # Seed the stream with the start step so a resumed run does not replay the same batches.
-    batches = job.batches(int(cfg.seed) * 1_000_003 + step * 7919 + accelerator.process_index)
+    batches = job.batches(s.seed * 1_000_003 + step * 7919 + accelerator.process_index)
     # batches come as uint8 (data/transforms.py), normalized here with the model's mean and std
-    normalize = InputNormalizer(*model_norm(job.model), channels_last=bool(cfg.channels_last))
+    normalize = InputNormalizer(*model_norm(job.model), channels_last=s.channels_last)
     model.train()
     t0 = time.time()
     loop_images, loop_t0 = 0, None
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process,
                desc=job.step_dir.name, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-    ckpt_every = int(cfg.train.ckpt_every_steps)
-    last_loss = float("nan")
+    # the loss and its parts are summed on the device and read at the log interval only
+    logged: dict[str, torch.Tensor] = {}
+    logged_steps, last_losses = 0, {}
+    empty = _EmptyStreamGuard()
     try:
         while step < total_steps:
             batch = next(batches)
@@ -171,7 +203,13 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             for err in batch.get("shard_errors", ()):
                 shard_errors[err] = shard_errors.get(err, 0) + 1
             if batch["images"].numel() == 0:
+                empty.empty(batch, f"training stream of {job.step_dir}")
+                if accelerator.num_processes == 1 and stop_flag["set"]:
+                    checkpoint()  # nothing trained since the last step, but the stop is honoured at once
+                    raise Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to "
+                                    f"{ckpt_path}: rerun the same command to continue (resume=auto)")
                 continue
+            empty.reset()
             # each tensor of the batch goes to the device once; the images are one of them
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             images = normalize(batch["images"])
@@ -179,8 +217,8 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                 logits = model(images)
             loss, parts = job.loss(logits, batch)
             accelerator.backward(loss)
-            if cfg.train.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
+            if s.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -191,25 +229,28 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             loop_images += n
             if loop_t0 is None:  # images/s counts from the end of the first step: start-up and warm-up excluded
                 loop_t0, loop_images = time.time(), 0
-            last_loss = float(loss.detach())
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                logged[name] = logged[name] + value.detach() if name in logged else value.detach().clone()
+            logged_steps += 1
             bar.update(1)
-            if step % int(cfg.train.log_every_steps) == 0 or step == total_steps:
+            if step % s.log_every_steps == 0 or step == total_steps:
+                last_losses = {k: float(v) / logged_steps for k, v in logged.items()}  # the one read of the device
+                logged.clear()
+                logged_steps = 0
                 ips = loop_images / max(time.time() - loop_t0, 1e-9) if loop_images else 0.0
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{ips:.0f}", refresh=False)
+                bar.set_postfix(**{k: f"{v:.3f}" for k, v in last_losses.items()},
+                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{ips:.0f}", refresh=False)
             end_of_epoch = step % job.steps_per_epoch == 0
             stop = stop_requested(accelerator, stop_flag)
-            if step % ckpt_every == 0 or end_of_epoch or step == total_steps or stop:
-                state = snapshot()
-                if accelerator.is_main_process:
-                    save_checkpoint(ckpt_path, state)
-                accelerator.wait_for_everyone()
+            if step % s.ckpt_every_steps == 0 or end_of_epoch or step == total_steps or stop:
+                checkpoint()
             if stop:
                 raise Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to "
                                 f"{ckpt_path}: rerun the same command to continue (resume=auto)")
     finally:  # whatever ends the loop, the caller gets its SIGTERM handler back
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
+        del batches  # shuts the loader workers down now, not at interpreter exit
     loop_end = time.time()
     wall = loop_end - t0
     in_sync = replicas_in_sync(accelerator, accelerator.unwrap_model(model))
@@ -226,13 +267,14 @@ def fit(accelerator, cfg, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         "images_seen": images_seen,
         "images_per_sec": loop_images / max(loop_end - loop_t0, 1e-9) if loop_images else 0.0,
         "train_wall_s": prior_wall + wall,
-        "final_loss": last_loss,
+        # mean over the last log interval: the loss and its parts (labeled / pseudo-labeled for a student)
+        "final_loss": last_losses.get("loss", float("nan")),
+        "final_loss_parts": {k: v for k, v in last_losses.items() if k != "loss"},
         "corrupt_skipped": corrupt_total,
         # shard read errors while training (the stream skips the shard and draws another);
         # the messages are this process's, the count is summed over processes
         "shard_read_errors": n_shard_errors,
         "unreadable_shards": sorted(shard_errors)[:20],
-        "config_hash": job.config_hash,
         **job.extra_summary,
     }
     return ema.module, summary

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .data.shards import SampleDecoder, make_loader, ordered_stream, rank_shards
+from .data.shards import SampleDecoder
+from .data.streams import make_loader, ordered_stream, rank_shards
 from .data.transforms import InputNormalizer, model_norm
 
 

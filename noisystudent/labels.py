@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from .errors import DataError
-from .rundir import atomic_write_bytes
+from .files import atomic_write_bytes
 
 SUFFIX = ".labels.safetensors"
 ERROR_SUFFIX = ".error.json"

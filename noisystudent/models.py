@@ -9,10 +9,10 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import ConfigError, MissingInputError
-from .rundir import atomic_write_bytes
+from .files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +62,18 @@ def create_model(name: str, num_classes: int, drop_rate: float = 0.0, drop_path_
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from a torch file loaded with weights_only=True.
-
-    Accepts plain state dicts and the usual wrappers (state_dict_ema / model_ema / state_dict / model)."""
+    """A state dict from a weights file, read by timm's `load_state_dict`: safetensors or a torch
+    file (weights_only=True), its EMA weights first when it holds both (timm's `state_dict_ema` /
+    `model_ema`, our checkpoint.pt's `model_ema`), DDP / compile prefixes removed."""
     path = str(path)
     if not os.path.isfile(path):
         raise ConfigError(f"weights file {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        return load_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        state = timm.models.load_state_dict(path, use_ema=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same advice
         raise ConfigError(f"cannot read weights file {path!r} ({type(e).__name__}: {e}); give a "
                           ".safetensors file or a torch state dict") from None
-    for key in ("state_dict_ema", "model_ema", "ema", "state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
@@ -106,10 +100,8 @@ def count_params(model: torch.nn.Module) -> int:
 def export_model(step_dir: str | os.PathLike, model: torch.nn.Module, info: dict) -> None:
     """The finished step's model (EMA weights) for the next stages: safetensors + a small json."""
     step_dir = Path(step_dir)
-    step_dir.mkdir(parents=True, exist_ok=True)
-    tmp = step_dir / f".{MODEL_WEIGHTS}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, step_dir / MODEL_WEIGHTS)
+    atomic_write_bytes(step_dir / MODEL_WEIGHTS,
+                       save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     atomic_write_bytes(step_dir / MODEL_INFO, json.dumps(info, indent=2).encode())
 
 
@@ -123,3 +115,15 @@ def load_exported_model(step_dir: str | os.PathLike, command_hint: str) -> tuple
     model = timm.create_model(info["name"], num_classes=info["num_classes"])
     model.load_state_dict(load_file(str(step_dir / MODEL_WEIGHTS)))
     return model.eval(), info
+
+
+def eval_img_size(info) -> int:
+    """The resolution a model is evaluated and labels at: its test size, else its train size."""
+    return int(info.get("test_img_size") or info["img_size"])
+
+
+def check_num_classes(num_classes: int, expected: int, what: str, fix: str) -> None:
+    """The one class-count check: `what` (a model, a label file, a selection) holds `num_classes`
+    outputs but the config says `expected` (data.num_classes)."""
+    if int(num_classes) != int(expected):
+        raise ConfigError(f"{what} holds {num_classes} classes but data.num_classes={expected}; {fix}")

@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .rundir import atomic_write_bytes, write_json
+from .files import atomic_write, atomic_write_bytes, write_json
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT = "accuracy.png"
+
+
+def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir) -> dict:
+    """One row of the report: a finished model (its model.json info) and its eval metrics."""
+    return {"round": round_idx, "role": role, "model": info["name"], "params": info["params"],
+            "top1": metrics["top1"], "top5": metrics["top5"], "eval_images": metrics["images"],
+            "per_class_top1": metrics["per_class_top1"], "path": str(step_dir)}
 
 
 def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str) -> dict:
@@ -54,7 +61,6 @@ def _plot(path: Path, rows: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

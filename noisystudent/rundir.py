@@ -1,23 +1,21 @@
-"""The run directory: fixed paths per step, `summary.json` + `_SUCCESS` markers, atomic writes.
+"""The run directory: fixed paths per step, `summary.json` + `_SUCCESS` markers.
 
 Layout (everything under run_dir, no timestamps, so stages find each other by convention):
-    teacher/                    checkpoint/, model.safetensors, model.json, summary.json, _SUCCESS
-    round_K/pseudolabel/        labels/<shard>.npz, selection.json, summary.json, plots, _SUCCESS
+    teacher/                    checkpoint.pt, model.safetensors, model.json, summary.json, _SUCCESS
+    round_K/pseudolabel/        labels/<shard>.labels.safetensors, selection.json, selection.png,
+                                summary.json, _SUCCESS
     round_K/student/            like teacher/
     report.json, report.md, accuracy.png
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+
+from .files import atomic_write_bytes, read_json, write_json
 
 SUCCESS = "_SUCCESS"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 SUMMARY = "summary.json"
 
 
@@ -49,46 +47,24 @@ def command_for_round(run_dir: str | os.PathLike, round_idx: int) -> str:
     return f"python -m noisystudent stage=student run_dir={run_dir} round={int(round_idx)}"
 
 
+def finished_models(run_dir: str | os.PathLike) -> list[tuple[int, str, Path]]:
+    """(round, role, step_dir) of every finished model, teacher first, rounds in order."""
+    found = []
+    if is_done(teacher_dir(run_dir)):
+        found.append((0, "teacher", teacher_dir(run_dir)))
+    k = 1
+    while is_done(student_dir(run_dir, k)):
+        found.append((k, "student", student_dir(run_dir, k)))
+        k += 1
+    return found
+
+
 def is_done(step_dir: str | os.PathLike) -> bool:
     return (Path(step_dir) / SUCCESS).exists()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`.
-
-    A crash leaves either the old file or the new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy scalars and arrays, Paths
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+def read_summary(step_dir: str | os.PathLike) -> dict:
+    return read_json(Path(step_dir) / SUMMARY)
 
 
 def mark_done(step_dir: str | os.PathLike, summary: dict) -> None:
@@ -96,9 +72,3 @@ def mark_done(step_dir: str | os.PathLike, summary: dict) -> None:
     step_dir = Path(step_dir)
     write_json(step_dir / SUMMARY, summary)
     atomic_write_bytes(step_dir / SUCCESS, b"")
-
-
-def clear_done(step_dir: str | os.PathLike) -> None:
-    marker = Path(step_dir) / SUCCESS
-    if marker.exists():
-        marker.unlink()

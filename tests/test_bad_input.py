@@ -12,7 +12,7 @@ from PIL import Image
 
 from noisystudent.data.writer import encode_png, write_shard
 from noisystudent.errors import ConfigError, DataError
-from noisystudent.rundir import read_json
+from noisystudent.files import read_json
 
 
 def _png(value: int = 128) -> bytes:
@@ -118,3 +118,64 @@ def test_fast_settings_are_valid(tmp_path, digits_root):
     # the FAST overrides used across the suite compose and run for one step
     run("stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST, "max_steps=1")
     assert read_json(tmp_path / "teacher" / "summary.json")["steps"] == 1
+
+
+def test_all_corrupt_training_stream_stops_with_the_first_error(tmp_path):
+    """64 undecodable PNGs: training used to loop forever on empty batches; now it stops, naming the shard
+    and the first error, well within the timeout."""
+    shard = tmp_path / "junk-000000.tar"
+    _labeled_shard(shard, n=64, payload=lambda i: {"png": b"\x89PNG not an image"})
+    proc = cli(*_shards_args(tmp_path, str(shard)), "max_steps=3", "num_workers=1", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "not one image decoded" in proc.stderr and str(shard) in proc.stderr
+    assert "first error: shard" in proc.stderr and "UnidentifiedImageError" in proc.stderr
+
+
+def test_a_transform_bug_is_raised_as_the_bug(tmp_path, monkeypatch):
+    """Only decoding is taken as a corrupt image; an exception in the transform propagates as itself."""
+    from noisystudent.stages import teacher
+
+    shard = tmp_path / "ok-000000.tar"
+    _labeled_shard(shard, n=20)
+
+    def broken_transform(*_a, **_k):
+        def apply(_img):
+            raise ValueError("a bug in the transform")
+        return apply
+
+    monkeypatch.setattr(teacher, "train_transform", broken_transform)
+    with pytest.raises(ValueError, match="a bug in the transform"):
+        run(*_shards_args(tmp_path, str(shard)), "max_steps=2")
+
+
+def test_remote_shards_need_a_declared_sample_count(tmp_path):
+    shard = tmp_path / "r-000000.tar"
+    _labeled_shard(shard, n=40)
+    remote = [f"data.labeled='pipe:cat {shard}'" if a.startswith("data.labeled=") else a
+              for a in _shards_args(tmp_path, str(shard))]
+    with pytest.raises(DataError, match=r"data.labeled: shard 'pipe:cat .*' is not a local file.*data.labeled_samples"):
+        run(*remote)
+    s = run(*remote, "data.labeled_samples=40", "train.epochs=2")
+    assert s["labeled_images"] == 40 and s["steps"] == 2 * 5  # 40 images / batch 8 per epoch
+
+
+def test_finished_step_with_changed_settings_warns(teacher_copy, digits_root, caplog):
+    import logging
+
+    args = ["stage=teacher", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST]
+    with caplog.at_level(logging.WARNING):
+        run(*args, "iterate.rounds=5", "num_workers=0", "pseudolabel.threshold=0.5")  # keys the teacher does not read
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with caplog.at_level(logging.WARNING):
+        s = run(*args, "train.epochs=3", "train.label_smoothing=0.0")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "settings changed" in warning and "force=true" in warning
+    assert "train.epochs (12 -> 3)" in warning and "train.label_smoothing (0.1 -> 0.0)" in warning
+    assert s["settings"]["train.epochs"] == 12  # skipped: the result it had
+
+
+def test_settings_are_checked_before_any_work(tmp_path, digits_root):
+    """A bad student setting stops stage=iterate before the teacher is trained."""
+    with pytest.raises(ConfigError, match="student.epochs"):
+        run("stage=iterate", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST, "student.epochs=0")
+    assert not (tmp_path / "teacher").exists()

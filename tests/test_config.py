@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import cli, make_cfg
 
-from noisystudent.config import config_hash, learning_rate
+from noisystudent.config import changed_settings, learning_rate, settings_hash, train_settings
+from noisystudent.errors import ConfigError
 from noisystudent.stages import STAGES
 
 
@@ -18,7 +19,7 @@ def test_every_stage_composes(stage):
     assert cfg.model.name == "test_efficientnet"
 
 
-def test_presets_carry_the_design_table():
+def test_presets_carry_the_published_values():
     table = [("efficientnet_b0", 224, 0.2), ("efficientnet_b3", 300, 0.3), ("efficientnet_b7", 600, 0.5)]
     for name, size, drop in table:
         cfg = make_cfg(f"model={name}")
@@ -40,15 +41,35 @@ def test_lr_scales_with_global_batch():
     assert learning_rate(make_cfg("optim.lr=0.5").optim, 4096) == 0.5
 
 
-def test_config_hash_ignores_runtime_keys_only():
-    a = make_cfg("run_dir=/a", "num_workers=0")
-    b = make_cfg("run_dir=/b", "num_workers=4", "force=true")
-    c = make_cfg("run_dir=/a", "train.epochs=7")
-    assert config_hash(a) != config_hash(c)
-    # run_dir is left out, but it also feeds data paths, so compare configs with the same data root
-    a2 = make_cfg("run_dir=/a", "num_workers=3", "force=true", "resume=never")
-    assert config_hash(a) == config_hash(a2)
-    assert config_hash(b) != config_hash(c)
+def test_step_settings_hold_only_the_keys_the_step_reads():
+    from noisystudent.stages import pseudolabel, student, teacher
+
+    base = make_cfg("run_dir=/a")
+    # how a step runs (workers, resume, force, where) and what other steps read change nothing
+    same = make_cfg("run_dir=/a", "num_workers=3", "force=true", "resume=never", "iterate.rounds=7",
+                    "train.log_every_steps=3", "pseudolabel.threshold=0.5", "student.epochs=3")
+    assert teacher.STEP.reads(base) == teacher.STEP.reads(same)
+    assert settings_hash(teacher.STEP.reads(base)) == settings_hash(teacher.STEP.reads(same))
+    changed = make_cfg("run_dir=/a", "train.epochs=7", "optim.lr=0.1")
+    assert changed_settings(teacher.STEP.reads(base), teacher.STEP.reads(changed)) == [
+        "optim.lr (0.002 -> 0.1)", "train.epochs (60 -> 7)"]
+    # the student reads its own epochs, not the teacher's RandAugment; pseudolabel reads its threshold
+    assert student.STEP.reads(base) == student.STEP.reads(make_cfg("run_dir=/a", "train.randaugment=null",
+                                                                   "train.epochs=5"))
+    assert student.STEP.reads(base) != student.STEP.reads(make_cfg("run_dir=/a", "student.epochs=5"))
+    assert pseudolabel.STEP.reads(base) != pseudolabel.STEP.reads(make_cfg("run_dir=/a", "pseudolabel.threshold=0.5"))
+
+
+def test_train_settings_are_checked_and_student_keys_override():
+    s = train_settings(make_cfg("student.ema_decay=0.99", "student.grad_clip=1.0"), overrides="student")
+    assert (s.epochs, s.randaugment, s.ema_decay, s.grad_clip) == (20.0, "rand-n2-m27-mmax27", 0.99, 1.0)
+    t = train_settings(make_cfg())
+    assert (t.epochs, t.randaugment, t.ema_decay, t.grad_clip) == (60.0, "rand-n2-m9-mmax27", 0.9999, None)
+    for override, key in (("student.epochs=0", "student.epochs"), ("train.ema_decay=1.5", "train.ema_decay"),
+                          ("student.grad_clip=-1", "student.grad_clip"), ("train.batch_size=0", "train.batch_size"),
+                          ("resume=sometimes", "resume"), ("max_steps=0", "max_steps")):
+        with pytest.raises(ConfigError, match=key):
+            train_settings(make_cfg(override), overrides="student")
 
 
 def test_help_lists_stages_and_groups():

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import FAST, cli, run
 
-from noisystudent.rundir import read_json
+from noisystudent.files import read_json
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

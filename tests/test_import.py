@@ -9,7 +9,7 @@ from conftest import FAST, cli, run
 from PIL import Image
 
 from noisystudent.data.shards import count_samples, expand_shards
-from noisystudent.rundir import read_json
+from noisystudent.files import read_json
 
 
 def _img(path, seed, fmt):
@@ -34,9 +34,9 @@ def test_import_imagefolder_and_train_on_it(tmp_path):
     assert set(manifest["skipped"]) == {"dog/notes.txt", "eel/broken.jpg"}
     assert json.loads((dest / "classes.json").read_text()) == ["cat", "dog", "eel"]
     urls = expand_shards(manifest["pattern"], "data.labeled")
-    assert count_samples(urls) == 21
+    assert count_samples(urls, "data.labeled") == 21
     (dest / "manifest.json").unlink()  # the header scan gives the same count
-    assert count_samples(urls) == 21
+    assert count_samples(urls, "data.labeled") == 21
     # brace patterns are quoted for Hydra's override grammar, as the import command prints them
     assert f"'data.labeled=\"{manifest['pattern']}\"'" in proc.stdout
     run("stage=teacher", "data=shards", f"run_dir={tmp_path / 'run'}", f"data.labeled='{manifest['pattern']}'",

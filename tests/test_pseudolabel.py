@@ -17,8 +17,8 @@ from conftest import FAST, cli, run
 
 from noisystudent.data.writer import write_shard
 from noisystudent.errors import ConfigError, DataError, MissingInputError
+from noisystudent.files import read_json
 from noisystudent.labels import LabelFile
-from noisystudent.rundir import read_json
 
 
 def _label_files(run_dir: Path) -> dict[str, bytes]:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from conftest import FAST, run
 
 from noisystudent.errors import ConfigError, DataError, MissingInputError
+from noisystudent.files import read_json
 from noisystudent.losses import noisy_student_loss
-from noisystudent.rundir import read_json
 
 
 def test_mixed_loss_equals_the_formula():
@@ -84,7 +84,7 @@ def test_student_input_errors(teacher_copy, labeled_run, digits_root, tmp_path):
         _student(teacher_copy, digits_root)
     d = tmp_path / "labeled"
     shutil.copytree(labeled_run, d)
-    with pytest.raises(DataError, match="pseudo-labels for 10 classes but data.num_classes=12"):
+    with pytest.raises(ConfigError, match="selection .* holds 10 classes but data.num_classes=12"):
         _student(d, digits_root, "data.num_classes=12")
     sel = d / "round_1" / "pseudolabel" / "selection.json"
     j = read_json(sel)
@@ -99,9 +99,9 @@ def test_stream_applies_the_selection(labeled_run, digits_root):
     import webdataset as wds
 
     from noisystudent.data.shards import expand_shards
+    from noisystudent.data.streams import JoinPseudoLabels
     from noisystudent.labels import label_paths
     from noisystudent.selection import Selection
-    from noisystudent.stages.student import JoinPseudoLabels
 
     pl = labeled_run / "round_1" / "pseudolabel"
     sel_json = read_json(pl / "selection.json")
@@ -129,6 +129,24 @@ def test_iterate_one_round_end_to_end(tmp_path, digits_root, capsys):
     # stage=evaluate re-measures every finished model and agrees with what the steps recorded
     ev = run("stage=evaluate", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST)
     assert [round(x["top1"], 6) for x in ev["rounds"]] == [round(x["top1"], 6) for x in report["rounds"]]
+
+
+def test_a_step_gives_the_same_model_however_it_is_launched(tmp_path, digits_root):
+    """Each step seeds itself from (seed, step, round, rank): the round-1 student trained inside iterate,
+    alone (as the Slurm recipe runs it), or by an iterate rerun after its teacher, is the same, byte for byte."""
+    common = [f"data.root={digits_root}", *FAST, "max_steps=8", "pseudolabel.threshold=0.12"]
+    ref = tmp_path / "ref"
+    run("stage=iterate", "iterate.rounds=1", f"run_dir={ref}", *common)
+    weights = (ref / "round_1/student/model.safetensors").read_bytes()
+    alone = tmp_path / "alone"
+    shutil.copytree(ref, alone, ignore=shutil.ignore_patterns("student", "report.*", "accuracy.png"))
+    run("stage=student", f"run_dir={alone}", *common)
+    assert (alone / "round_1/student/model.safetensors").read_bytes() == weights
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ref, resumed, ignore=shutil.ignore_patterns("round_1", "report.*", "accuracy.png"))
+    run("stage=iterate", "iterate.rounds=1", f"run_dir={resumed}", *common)
+    assert (resumed / "round_1/student/model.safetensors").read_bytes() == weights
+    assert (resumed / "teacher/summary.json").read_bytes() == (ref / "teacher/summary.json").read_bytes()
 
 
 def test_iterate_models_per_round(tmp_path, digits_root):

@@ -13,7 +13,7 @@ import torch
 from conftest import FAST, run
 
 from noisystudent.engine import CHECKPOINT, load_checkpoint
-from noisystudent.rundir import read_json
+from noisystudent.files import read_json
 
 
 def test_teacher_learns_and_writes_its_step(teacher_run):
@@ -29,7 +29,7 @@ def test_teacher_learns_and_writes_its_step(teacher_run):
         assert key in s
     ckpt = load_checkpoint(out / CHECKPOINT)  # weights_only=True
     assert ckpt["step"] == s["steps"]
-    assert set(ckpt) >= {"model", "ema", "optimizer", "scheduler", "step"}
+    assert set(ckpt) >= {"model", "model_ema", "optimizer", "scheduler", "step"}
 
 
 def test_finished_step_is_skipped_unless_forced(teacher_copy, digits_root):

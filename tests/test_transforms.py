@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from noisystudent.config import worker_nice
-from noisystudent.data.shards import SampleDecoder, collate_counting, make_loader
+from noisystudent.data.shards import SampleDecoder, collate_counting
+from noisystudent.data.streams import make_loader
 from noisystudent.data.transforms import InputNormalizer, ToHWCArray, eval_transform, stack_hwc, train_transform
 from noisystudent.errors import ConfigError
 

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError
-from ..rundir import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .writer import encode_png, update_manifest, write_shard
 
 log = logging.getLogger(__name__)

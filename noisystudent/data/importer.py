@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ConfigError
-from ..rundir import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .shards import IMAGE_EXTS
 from .writer import update_manifest, write_shard
 

@@ -12,15 +12,12 @@ import io
 import json
 import logging
 import os
-import random
-import signal
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import braceexpand
 import torch
-import webdataset as wds
 from PIL import Image
 
 from ..errors import DataError
@@ -42,7 +39,7 @@ def expand_shards(pattern, key: str) -> list[str]:
         urls.extend(braceexpand.braceexpand(str(p)))
     if not urls:
         raise DataError(f"{key}={pattern!r} expands to no shard")
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -56,9 +53,23 @@ def expand_shards(pattern, key: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int:
-    """Number of samples in the shards: from the manifest written beside them when there is one,
-    else by reading tar headers (no image is decoded)."""
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def count_samples(urls: list[str], key: str, declared: int | None = None, declared_key: str = "") -> int:
+    """Number of samples in the shards of config key `key`: `declared` when the user set it
+    (`declared_key`, e.g. data.labeled_samples), else from the manifest.json written beside local
+    shards, else by reading their tar headers (no image is decoded). Remote shards (pipe:, http://,
+    s3://...) cannot be counted here: without a declared count they stop the run with an error."""
+    if declared is not None:
+        return int(declared)
+    remote = [u for u in urls if not is_local(u)]
+    if remote:
+        raise DataError(
+            f"{key}: shard {remote[0]!r} is not a local file, so the samples per epoch cannot be counted; "
+            f"set {declared_key}=N (the number of samples in {key}), or copy the shards with their "
+            "manifest.json to a local or mounted path")
     total = 0
     manifests: dict[Path, dict] = {}
     for url in urls:
@@ -124,7 +135,8 @@ class SampleDecoder:
     HWC uint8 array (transforms.py).
 
     A sample with no image entry at all is an error (the shards are not image shards); an image
-    entry that does not decode is a corrupt image: returned with image None, counted, dropped."""
+    entry that does not decode is a corrupt image: returned with image None and the reason, counted,
+    dropped. Only decoding is guarded: an exception in the transform is a bug and propagates as one."""
 
     def __init__(self, transform: Callable, num_classes: int | None, labeled: bool, draft_size: int | None = None):
         self.transform = transform
@@ -142,11 +154,13 @@ class SampleDecoder:
                 f"found {found}). Shards must hold images: make them with stage=import"
             )
         label = parse_label(sample, self.num_classes) if self.labeled else -1
+        out = {"key": key, "url": url, "image": None, "label": label, "error": None}
         try:
-            tensor = self.transform(decode_image(sample[ext], self.draft_size))
-        except Exception:  # noqa: BLE001 - any decode failure is a corrupt image, counted by the caller
-            tensor = None
-        out = {"key": key, "url": url, "image": tensor, "label": label}
+            image = decode_image(sample[ext], self.draft_size)
+        except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt image, counted by the caller
+            out["error"] = f"shard {url}, sample {key!r}: {type(e).__name__}: {e}"
+            return out
+        out["image"] = self.transform(image)
         for extra in ("repeat", "target"):
             if extra in sample:
                 out[extra] = sample[extra]
@@ -167,8 +181,10 @@ def skip_and_record_shard_error(exn: Exception) -> bool:
 
 
 def collate_counting(samples: list[dict]) -> dict:
-    """Stack the decodable samples of a batch; report how many were corrupt (and shard read errors)."""
+    """Stack the decodable samples of a batch; report how many were corrupt, from which shards, the
+    first reason (and the shard read errors since the last batch)."""
     good = [s for s in samples if s["image"] is not None]
+    bad = [s for s in samples if s["image"] is None]
     shard_errors = _SHARD_ERRORS[:]
     _SHARD_ERRORS.clear()
     batch = {
@@ -176,102 +192,13 @@ def collate_counting(samples: list[dict]) -> dict:
         "keys": [s["key"] for s in good],
         "urls": [s["url"] for s in good],
         "labels": torch.tensor([s["label"] for s in good], dtype=torch.long),
-        "n_corrupt": len(samples) - len(good),
-        "corrupt_keys": [s["key"] for s in samples if s["image"] is None],
+        "n_corrupt": len(bad),
+        "corrupt_keys": [s["key"] for s in bad],
+        "corrupt_shards": sorted({s["url"] for s in bad}),
+        "first_error": bad[0].get("error") if bad else None,
     }
     # our transforms give HWC uint8 arrays (transforms.py); the device normalizes the batch
     batch["images"] = stack_hwc([s["image"] for s in good]) if good else torch.empty(0)
     if good and "target" in good[0]:
         batch["targets"] = torch.stack([s["target"] for s in good])
     return batch
-
-
-class _SeededShuffle:
-    """webdataset's shuffle buffer with an rng seeded from (seed, rank, worker): wds.shuffle() without
-    an rng seeds from pid and time, which made runs with the same `seed` differ."""
-
-    def __init__(self, bufsize: int, initial: int, seed: int):
-        self.bufsize, self.initial, self.seed = bufsize, initial, seed
-
-    def __call__(self, src):
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{self.seed}-{rank}-{worker}")
-        return wds.shuffle(self.bufsize, self.initial, rng=rng)(src)
-
-
-def training_stream(
-    urls: list[str],
-    decoder: SampleDecoder,
-    batch_size: int,
-    shuffle_buffer: int,
-    seed: int,
-    extra_stages: Iterable = (),
-) -> wds.DataPipeline:
-    """An endless, shuffled stream of batches for training.
-
-    Shards are resampled (each worker of each process draws shards at random with its own seed),
-    so there is no per-rank split that could leave a rank without data and hang a collective;
-    the loop counts optimizer steps, and an epoch is len(dataset) / global batch."""
-    return wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=skip_and_record_shard_error),
-        *extra_stages,
-        _SeededShuffle(shuffle_buffer, min(shuffle_buffer, 1000), seed),
-        wds.map(decoder),
-        wds.batched(batch_size, collation_fn=collate_counting, partial=False),
-    )
-
-
-def ordered_stream(urls: list[str], decoder: SampleDecoder, batch_size: int,
-                   split_by_node: bool = True) -> wds.DataPipeline:
-    """One pass, in shard order, each shard read by exactly one worker of exactly one process.
-
-    Used for evaluation (each eval image is counted exactly once across processes)."""
-    stages = [wds.SimpleShardList(urls)]
-    if split_by_node:
-        stages.append(wds.split_by_node)
-    stages += [
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
-        wds.map(decoder),
-        wds.batched(batch_size, collation_fn=collate_counting, partial=True),
-    ]
-    return wds.DataPipeline(*stages)
-
-
-class _WorkerInit:
-    """Set up each loader worker: ignore SIGTERM, lower its CPU priority by `nice`."""
-
-    def __init__(self, nice: int):
-        self.nice = nice
-
-    def __call__(self, _worker_id: int) -> None:
-        # A scheduler's SIGTERM goes to the whole process group. The main process answers it by saving a
-        # checkpoint (engine.fit); a worker dying of it first would crash the main process before it can.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        # Where workers and the model share the cores (CPU training), the step's threads wait for each
-        # other at every op: a worker taking one core stalls both. At a lower priority the workers run
-        # when the step leaves a core idle, or when it waits for a batch, and then on all cores at once.
-        if self.nice:
-            os.nice(self.nice)
-
-
-def make_loader(pipeline, num_workers: int, shards_per_process: int | None = None,
-                worker_nice: int = 0) -> torch.utils.data.DataLoader:
-    """DataLoader over a pipeline that batches itself. Workers beyond the number of shards a
-    process reads would get no shard, so their number is capped to it."""
-    if shards_per_process is not None:
-        num_workers = min(num_workers, max(shards_per_process, 0))
-    return torch.utils.data.DataLoader(
-        pipeline,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=False,
-        worker_init_fn=_WorkerInit(worker_nice) if num_workers > 0 else None,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
-
-
-def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
-    """The shards one process reads when it takes a disjoint share (same rule as wds.split_by_node)."""
-    return urls[rank::world_size]

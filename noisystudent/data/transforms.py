@@ -17,7 +17,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms
 
-from ..errors import ConfigError
+from ..config import check_randaugment
 
 
 def model_norm(model) -> tuple[tuple, tuple]:
@@ -46,11 +46,7 @@ def train_transform(img_size: int, data_cfg, randaugment: str | None):
     """Random resized crop + flip + RandAugment (timm string, e.g. 'rand-n2-m27-mmax27') -> HWC uint8.
 
     Normalization happens on the batch, on the device: see `InputNormalizer`."""
-    if randaugment and not str(randaugment).startswith("rand"):
-        raise ConfigError(
-            f"RandAugment setting {randaugment!r} is not a timm RandAugment string: use e.g. "
-            "'rand-n2-m9-mmax27' (n = ops per image, m = magnitude, mmax = magnitude scale), or null"
-        )
+    randaugment = check_randaugment(randaugment, "RandAugment setting")
     primary, secondary, _ = create_transform(
         img_size,
         is_training=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from ..rundir import write_json
+from ..files import atomic_write, write_json
 from .shards import MANIFEST
 
 
@@ -24,15 +24,11 @@ def encode_png(img: Image.Image) -> bytes:
 
 def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     """Write samples (dicts with __key__ and payloads) to one tar, atomically. Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     n = 0
-    with wds.TarWriter(str(tmp)) as sink:
+    with atomic_write(path) as f, wds.TarWriter(f) as sink:
         for sample in samples:
             sink.write(sample)
             n += 1
-    os.replace(tmp, path)
     return n
 
 

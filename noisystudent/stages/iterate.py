@@ -1,5 +1,6 @@
 """stage=iterate: teacher, then for each round pseudolabel -> student -> report, skipping every step
-that is already finished (so a killed run, rerun, continues where it stopped)."""
+that is already finished (so a killed run, rerun, continues where it stopped). Each step runs
+under the stage contract (contract.py), exactly as when it is launched alone."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import logging
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import positive_int
-from ..report import markdown_table, write_report
-from ..rundir import SUMMARY, read_json
+from ..report import markdown_table, report_row, write_report
+from ..rundir import finished_models, read_summary
 from . import pseudolabel, student, teacher
-from .evaluate import finished_models
+from .contract import run_step
 
 log = logging.getLogger(__name__)
 
@@ -20,25 +21,29 @@ def report_from_summaries(cfg: DictConfig) -> list[dict]:
     """One row per finished model, from the eval metrics each step stored in its summary.json."""
     rows = []
     for round_idx, role, step_dir in finished_models(cfg.run_dir):
-        s = read_json(step_dir / SUMMARY)
-        rows.append({"round": round_idx, "role": role, "model": s["model"]["name"], "params": s["model"]["params"],
-                     "top1": s["top1"], "top5": s["top5"], "eval_images": s["eval"]["images"],
-                     "per_class_top1": s["eval"]["per_class_top1"], "path": str(step_dir)})
+        s = read_summary(step_dir)
+        rows.append(report_row(round_idx, role, s["model"], s["eval"], step_dir))
     return rows
 
 
 def run(cfg: DictConfig, accelerator) -> dict:
     rounds = positive_int(cfg, "iterate.rounds")
-    teacher.run(cfg, accelerator)
-    rows = report_from_summaries(cfg)
+    # every round's settings are checked before the teacher starts, not when the round comes
+    round_cfgs = []
     for k in range(1, rounds + 1):
         round_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         with open_dict(round_cfg):
             round_cfg.round = k
-        pseudolabel.run(round_cfg, accelerator)
-        student.run(round_cfg, accelerator)
+        pseudolabel.STEP.settings(round_cfg)
+        student.STEP.settings(round_cfg)
+        round_cfgs.append(round_cfg)
+    run_step(teacher.STEP, cfg, accelerator)
+    rows = report_from_summaries(cfg)
+    for round_cfg in round_cfgs:
+        run_step(pseudolabel.STEP, round_cfg, accelerator)
+        run_step(student.STEP, round_cfg, accelerator)
+        rows = report_from_summaries(cfg)
         if accelerator.is_main_process:
-            rows = report_from_summaries(cfg)
             write_report(cfg.run_dir, rows, str(cfg.data.eval))
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:

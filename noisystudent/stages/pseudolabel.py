@@ -9,39 +9,80 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import IterableDataset, get_worker_info
 
-from ..config import worker_nice
-from ..data.shards import SampleDecoder, collate_counting, make_loader, rank_shards
+from ..config import positive_int, read_settings, round_number, worker_nice
+from ..data.shards import SampleDecoder
+from ..data.streams import ShardBatches, make_loader, rank_shards
 from ..data.transforms import InputNormalizer, eval_transform, model_norm
 from ..errors import ConfigError, DataError
+from ..files import atomic_write, read_json, write_json
 from ..inference import prepare
 from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, probs_to_topk, write_label_file
-from ..models import load_exported_model
-from ..rundir import command_for_round, mark_done, model_dir_for_round, pseudolabel_dir, read_json, write_json
+from ..models import check_num_classes, eval_img_size, load_exported_model
+from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
 from ..selection import HIST_BINS, class_statistics, select
-from .common import num_classes, prepare_data, shards, skip_if_done
+from .common import num_classes, shards
+from .contract import Step, StepRun
 
 log = logging.getLogger(__name__)
 
 SELECTION = "selection.json"
 
 
-def check_settings(cfg: DictConfig) -> None:
+@dataclass(frozen=True)
+class LabelSettings:
+    round: int
+    num_classes: int
+    threshold: float
+    topk: int
+    temperature: float
+    hard: bool
+    balance: bool
+    per_class: str | int
+    batch_size: int
+    strict_shards: bool
+    fuse_bn: bool
+    compile: bool
+    jpeg_draft: bool
+
+
+def settings(cfg: DictConfig) -> LabelSettings:
     p = cfg.pseudolabel
-    if not 0.0 < float(p.threshold) < 1.0:
+    if not isinstance(p.threshold, int | float) or not 0.0 < float(p.threshold) < 1.0:
         raise ConfigError(f"pseudolabel.threshold={p.threshold} must be in (0, 1) (the paper uses 0.3)")
     if not isinstance(p.topk, int) or p.topk < 1:
         raise ConfigError(f"pseudolabel.topk={p.topk!r} must be an integer >= 1")
-    if float(p.temperature) <= 0:
+    if not isinstance(p.temperature, int | float) or float(p.temperature) <= 0:
         raise ConfigError(f"pseudolabel.temperature={p.temperature} must be > 0")
-    if int(cfg.round) < 1:
-        raise ConfigError(f"round={cfg.round} must be >= 1 (round 1 is labeled by the teacher)")
+    if p.per_class != "auto" and (not isinstance(p.per_class, int) or p.per_class < 1):
+        raise ConfigError(f"pseudolabel.per_class={p.per_class!r}: use auto or a positive integer")
+    nc = num_classes(cfg)
+    return LabelSettings(round_number(cfg), nc, float(p.threshold), min(int(p.topk), nc), float(p.temperature),
+                         bool(p.hard), bool(p.balance), p.per_class, positive_int(cfg, "pseudolabel.batch_size"),
+                         bool(p.strict_shards), bool(p.fuse_bn), bool(p.compile), bool(p.jpeg_draft))
+
+
+def reads(cfg: DictConfig) -> dict:
+    return read_settings(cfg, ("round", "data.unlabeled", "data.num_classes", "data.crop_pct", "data.labels_per_class",
+                               "data.eval_fraction", "data.split_seed", "pseudolabel.threshold", "pseudolabel.topk",
+                               "pseudolabel.temperature", "pseudolabel.hard", "pseudolabel.balance",
+                               "pseudolabel.per_class"))
+
+
+def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
+    prev = s.round - 1
+    model, info = load_exported_model(model_dir_for_round(cfg.run_dir, prev), command_for_round(cfg.run_dir, prev))
+    check_num_classes(info["num_classes"], s.num_classes, f"the round-{prev} model "
+                      f"({model_dir_for_round(cfg.run_dir, prev)})", "label with a model of the same classes")
+    urls = shards(cfg, "unlabeled")
+    paths = label_paths(urls, pseudolabel_dir(cfg.run_dir, s.round) / "labels")
+    return {"model": model, "info": info, "urls": urls, "paths": paths}
 
 
 def error_path(label_path: Path) -> Path:
@@ -49,47 +90,18 @@ def error_path(label_path: Path) -> Path:
     return label_path.with_name(label_path.name.replace(SUFFIX, ERROR_SUFFIX))
 
 
-class ShardBatches(IterableDataset):
-    """Batches that never cross a shard. Each worker reads whole shards; a shard's last batch has
-    last=True, and a shard that cannot be read yields one batch with its error instead."""
-
-    def __init__(self, urls: list[str], decoder: SampleDecoder, batch_size: int):
-        self.urls, self.decoder, self.batch_size = urls, decoder, batch_size
-
-    def __iter__(self):
-        import webdataset as wds
-
-        info = get_worker_info()
-        mine = self.urls[info.id::info.num_workers] if info else self.urls
-        for url in mine:
-            pending: list[dict] = []
-            try:
-                for sample in wds.tarfile_samples([{"url": url}]):
-                    pending.append(self.decoder(sample))
-                    if len(pending) == self.batch_size:
-                        yield {**collate_counting(pending), "shard": url, "last": False}
-                        pending = []
-            except DataError:
-                raise
-            except Exception as e:  # noqa: BLE001 - an unreadable shard is reported, not fatal
-                yield {"shard": url, "error": f"{type(e).__name__}: {e}", "last": True}
-                continue
-            yield {**collate_counting(pending), "shard": url, "last": True}
-
-
-def label_shards(cfg: DictConfig, accelerator, model, transform, normalize: InputNormalizer, img_size: int,
-                 todo: list[str], paths: dict[str, Path], nc: int) -> dict:
+def label_shards(run: StepRun, model, transform, normalize: InputNormalizer, img_size: int, todo: list[str]) -> dict:
     """Label the shards in `todo` (this process's share); returns this process's counts."""
-    p = cfg.pseudolabel
+    p, cfg, accelerator, paths = run.settings, run.cfg, run.accelerator, run.inputs["paths"]
     device = accelerator.device
     decoder = SampleDecoder(transform, None, labeled=False, draft_size=img_size if p.jpeg_draft else None)
-    loader = make_loader(ShardBatches(todo, decoder, int(p.batch_size)), int(cfg.num_workers), len(todo),
+    loader = make_loader(ShardBatches(todo, decoder, p.batch_size), int(cfg.num_workers), len(todo),
                          worker_nice(cfg, accelerator.device))
-    meta = {"num_classes": nc, "topk": min(int(p.topk), nc), "temperature": float(p.temperature), "hard": bool(p.hard)}
+    meta = {"num_classes": p.num_classes, "topk": p.topk, "temperature": p.temperature, "hard": p.hard}
     parts: dict[str, list] = {}
     corrupt: dict[str, list[str]] = {}
     stats = {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
-    temperature = float(p.temperature)
+    temperature = p.temperature
     with torch.inference_mode():
         for batch in loader:
             url = batch["shard"]
@@ -142,31 +154,15 @@ def plot_selection(out: Path, hist: np.ndarray, sel: dict, threshold: float) -> 
     b.set_ylabel("images")
     b.legend()
     fig.tight_layout()
-    fig.savefig(out / "selection.png")
+    with atomic_write(out / "selection.png") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
-def run(cfg: DictConfig, accelerator) -> dict:
-    check_settings(cfg)
-    out = pseudolabel_dir(cfg.run_dir, cfg.round)
-    done = skip_if_done(cfg, out)
-    if done is not None:
-        return done
-    prepare_data(cfg, accelerator)
-    nc = num_classes(cfg)
-    prev = int(cfg.round) - 1
-    model, info = load_exported_model(model_dir_for_round(cfg.run_dir, prev), command_for_round(cfg.run_dir, prev))
-    if info["num_classes"] != nc:
-        raise ConfigError(f"the round-{prev} model ({model_dir_for_round(cfg.run_dir, prev)}) has "
-                          f"{info['num_classes']} classes but data.num_classes={nc}; label with a model of "
-                          "the same classes")
-    urls = shards(cfg, "unlabeled")
-    labels_dir = out / "labels"
-    paths = label_paths(urls, labels_dir)
-    if cfg.force and accelerator.is_main_process:
-        for f in labels_dir.glob("*"):
-            f.unlink()
-    accelerator.wait_for_everyone()
+def work(run: StepRun) -> dict:
+    cfg, accelerator, s = run.cfg, run.accelerator, run.settings
+    model, info, urls, paths = (run.inputs[k] for k in ("model", "info", "urls", "paths"))
+    labels_dir = run.out / "labels"
     labels_dir.mkdir(parents=True, exist_ok=True)
     mine = rank_shards(urls, accelerator.process_index, accelerator.num_processes)
     todo = [u for u in mine if not paths[u].exists()]
@@ -176,26 +172,27 @@ def run(cfg: DictConfig, accelerator) -> dict:
     log.info("labeling %d of %d shards on this process (%d already labeled)", len(todo), len(mine),
              len(mine) - len(todo))
 
-    img_size = int(info.get("test_img_size") or info["img_size"])
+    img_size = eval_img_size(info)
     transform = eval_transform(img_size, cfg.data)
     normalize = InputNormalizer(*model_norm(model), channels_last=bool(cfg.channels_last))
     example = torch.randn(2, 3, img_size, img_size)
-    model, applied = prepare(model, example, bool(cfg.pseudolabel.fuse_bn), bool(cfg.channels_last),
-                             bool(cfg.pseudolabel.compile))
+    model, applied = prepare(model, example, s.fuse_bn, bool(cfg.channels_last), s.compile)
     model = model.to(accelerator.device)
     t0 = time.time()
-    stats = label_shards(cfg, accelerator, model, transform, normalize, img_size, todo, paths, nc) if todo else {
+    stats = label_shards(run, model, transform, normalize, img_size, todo) if todo else {
         "images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
     wall = time.time() - t0
     labeled_now = int(accelerator.reduce(torch.tensor(stats["images"], device=accelerator.device), "sum"))
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every label file is written
     if not accelerator.is_main_process:
         return {}
-    return finish(cfg, out, urls, paths, nc, info, applied, labeled_now, wall, accelerator.num_processes)
+    return select_and_summarize(s, run.out, urls, paths, info, applied, labeled_now, wall, accelerator.num_processes)
 
 
-def finish(cfg, out: Path, urls, paths, nc, info, applied, labeled_now, wall, processes) -> dict:
-    p = cfg.pseudolabel
+def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied, labeled_now, wall,
+                         processes) -> dict:
+    """Main process: the selection from every label file, selection.json and .png; the step's summary."""
+    nc = s.num_classes
     unreadable = {}
     for u in urls:
         err = error_path(paths[u])
@@ -203,20 +200,18 @@ def finish(cfg, out: Path, urls, paths, nc, info, applied, labeled_now, wall, pr
             unreadable[u] = read_json(err)["error"]
     files = [LabelFile(paths[u]) for u in urls if paths[u].exists()]
     for f in files:
-        if f.num_classes != nc:
-            raise DataError(f"label file {f.path} was made for {f.num_classes} classes, not data.num_classes={nc}; "
-                            "rerun with force=true")
-    stats = class_statistics(files, nc, float(p.threshold))
-    sel = select(files, nc, float(p.threshold), bool(p.balance), p.per_class, stats)
+        check_num_classes(f.num_classes, nc, f"label file {f.path}", "rerun with force=true")
+    stats = class_statistics(files, nc, s.threshold)
+    sel = select(files, nc, s.threshold, s.balance, s.per_class, stats)
     sel_json = sel.to_json()
     empty = [c for c in range(nc) if sel_json["counts_before"][c] == 0]
     if empty:
         log.warning("classes %s have no image above pseudolabel.threshold=%s: they get no pseudo-label", empty,
-                    p.threshold)
-    write_json(out / SELECTION, {**sel_json, "hard": bool(p.hard), "num_classes": nc})
+                    s.threshold)
+    write_json(out / SELECTION, {**sel_json, "hard": s.hard, "num_classes": nc})
     corrupt = sum(int(f.meta.get("corrupt", 0)) for f in files)
     summary = {
-        "round": int(cfg.round),
+        "round": s.round,
         "teacher": info,
         "processes": processes,
         "shards": len(urls),
@@ -227,23 +222,22 @@ def finish(cfg, out: Path, urls, paths, nc, info, applied, labeled_now, wall, pr
         "images_kept_by_threshold": int(sum(sel_json["counts_before"])),
         "images_after_balancing": int(sum(sel_json["counts_after"])),
         "classes_without_images": empty,
-        "threshold": float(p.threshold),
+        "threshold": s.threshold,
         "per_class": sel_json["per_class"],
         "counts_before": sel_json["counts_before"],
         "counts_after": sel_json["counts_after"],
         "repeat_factor": sel_json["repeat_factor"],
-        "per_class_threshold": _per_class_threshold(stats["hist"], sel_json, float(p.threshold)),
+        "per_class_threshold": _per_class_threshold(stats["hist"], sel_json, s.threshold),
         "confidence_histogram": stats["hist"].sum(axis=0).tolist(),
         "images_labeled_this_run": labeled_now,
         "images_per_sec": labeled_now / wall if wall > 0 and labeled_now else None,
         "wall_s": wall,
         "inference": applied,
-        "topk": min(int(p.topk), nc), "temperature": float(p.temperature), "hard": bool(p.hard),
+        "topk": s.topk, "temperature": s.temperature, "hard": s.hard,
     }
-    plot_selection(out, stats["hist"], sel_json, float(p.threshold))
-    mark_done(out, summary)
+    plot_selection(out, stats["hist"], sel_json, s.threshold)
     log.info("pseudo-labels: %d images seen, %d kept by threshold %.2f, %d after balancing (N=%s)",
-             summary["images_seen"], summary["images_kept_by_threshold"], p.threshold,
+             summary["images_seen"], summary["images_kept_by_threshold"], s.threshold,
              summary["images_after_balancing"], sel_json["per_class"])
     return summary
 
@@ -259,3 +253,7 @@ def _per_class_threshold(hist: np.ndarray, sel: dict, threshold: float) -> list[
         else:
             out.append(threshold)
     return out
+
+
+STEP = Step("pseudolabel", settings, reads, inputs, work, out_dir=lambda cfg: pseudolabel_dir(cfg.run_dir, cfg.round),
+            outputs=("labels", SELECTION, "selection.png"))

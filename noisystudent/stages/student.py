@@ -3,170 +3,172 @@
 One forward pass over the concatenated batch [labeled | pseudo-labeled] (shared BatchNorm
 statistics); loss = CE(labeled, smoothing) + w * soft CE(pseudo-labeled). The pseudo-labeled stream
 reads the unlabeled shards beside their label files and applies the selection while streaming:
-an image is dropped, kept, or repeated k times, then shuffled through a buffer."""
+an image is dropped, kept, or repeated k times, then shuffled through a buffer (data/streams.py)."""
 
 from __future__ import annotations
 
-import logging
-import math
+from dataclasses import dataclass
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from ..config import config_hash, positive_int, steps_per_epoch, worker_nice
-from ..data.shards import SampleDecoder, make_loader, training_stream
+from ..config import DATA_KEYS, TrainSettings, read_settings, round_number, steps_per_epoch, train_settings, worker_nice
+from ..data.shards import SampleDecoder
+from ..data.streams import JoinPseudoLabels, labeled_batches, mixed_batches, pseudo_labeled_batches
 from ..data.transforms import train_transform
 from ..engine import TrainJob
 from ..errors import ConfigError, DataError, MissingInputError
-from ..labels import LabelFile, label_paths, soft_targets
+from ..files import read_json
+from ..labels import label_paths
 from ..losses import noisy_student_loss
-from ..models import MODEL_INFO, MODEL_WEIGHTS, check_model_name, count_params, create_model, load_weights
+from ..models import (
+    MODEL_INFO,
+    MODEL_WEIGHTS,
+    check_model_name,
+    check_num_classes,
+    count_params,
+    create_model,
+    load_weights,
+)
 from ..presets import student_model
-from ..rundir import command_for_round, is_done, model_dir_for_round, pseudolabel_dir, read_json, student_dir
+from ..rundir import command_for_round, is_done, model_dir_for_round, pseudolabel_dir, student_dir
 from ..selection import Selection
-from .common import finish_training, num_classes, prepare_data, shards, skip_if_done
-from .teacher import labeled_batches
-
-log = logging.getLogger(__name__)
+from .common import num_classes, shards, train_and_export
+from .contract import Step, StepRun
 
 
-class JoinPseudoLabels:
-    """webdataset stage: unlabeled samples -> samples with a "target" distribution, each repeated as
-    many times as the selection says (0 = dropped). One shard's label file is in memory at a time."""
-
-    def __init__(self, paths: dict, selection: Selection, num_classes: int):
-        self.paths, self.selection, self.num_classes = paths, selection, num_classes
-
-    def _table(self, url: str) -> dict:
-        f = LabelFile(self.paths[url])
-        rep = self.selection.repeats(f["confidence"], f["argmax"].astype(np.int64), f["keyhash"])
-        keep = np.flatnonzero(rep)
-        targets = soft_targets(f["topk_ids"][keep], f["topk_probs"][keep], self.num_classes, f.hard)
-        keys = f.keys()
-        return {keys[i]: (int(rep[i]), torch.from_numpy(targets[j])) for j, i in enumerate(keep)}
-
-    def __call__(self, src):
-        url, table = None, {}
-        for sample in src:
-            if sample["__url__"] != url:
-                url = sample["__url__"]
-                table = self._table(url)
-            entry = table.get(sample["__key__"])
-            if entry is None:
-                continue
-            for _ in range(entry[0]):
-                yield {**sample, "target": entry[1]}
+@dataclass(frozen=True)
+class StudentSettings:
+    train: TrainSettings  # train.* with student.epochs / randaugment / ema_decay / grad_clip where set
+    round: int
+    num_classes: int
+    preset: dict  # name, img_size, test_img_size
+    drop_rate: float
+    drop_path_rate: float
+    unlabel_ratio: float
+    unlabeled_weight: float
+    init: str
+    allow_smaller: bool
 
 
-def load_selection(cfg: DictConfig, nc: int) -> tuple[Selection, dict, list[str], dict]:
-    pl = pseudolabel_dir(cfg.run_dir, cfg.round)
+def settings(cfg: DictConfig) -> StudentSettings:
+    st = cfg.student
+    round_idx = round_number(cfg)
+    if st.init not in ("scratch", "teacher"):
+        raise ConfigError(f"student.init={st.init!r}: use scratch or teacher")
+    if not isinstance(st.unlabel_ratio, int | float) or st.unlabel_ratio <= 0:
+        raise ConfigError(f"student.unlabel_ratio={st.unlabel_ratio!r} must be > 0 (the paper: 1 for B0, 3 above)")
+    if not isinstance(st.unlabeled_weight, int | float) or st.unlabeled_weight < 0:
+        raise ConfigError(f"student.unlabeled_weight={st.unlabeled_weight!r} must be >= 0")
+    preset = student_model(cfg, round_idx)
+    check_model_name(preset.name)
+    return StudentSettings(
+        train=train_settings(cfg, overrides="student"),
+        round=round_idx,
+        num_classes=num_classes(cfg),
+        preset={"name": preset.name, "img_size": int(preset.img_size),
+                "test_img_size": int(preset.get("test_img_size") or preset.img_size)},
+        drop_rate=float(preset.drop_rate if st.drop_rate is None else st.drop_rate),
+        drop_path_rate=float(preset.drop_path_rate if st.drop_path_rate is None else st.drop_path_rate),
+        unlabel_ratio=float(st.unlabel_ratio),
+        unlabeled_weight=float(st.unlabeled_weight),
+        init=str(st.init),
+        allow_smaller=bool(st.allow_smaller),
+    )
+
+
+def reads(cfg: DictConfig) -> dict:
+    # train.randaugment is the teacher's; the student's noise is student.randaugment. The preset is
+    # taken as resolved (not iterate.models, whose other rounds do not matter here).
+    drop = ["train.randaugment", "student.model"]
+    for key in ("epochs", "ema_decay", "grad_clip"):
+        if cfg.student.get(key) is not None:
+            drop.append(f"train.{key}")
+    preset = student_model(cfg, int(cfg.round))
+    return {**read_settings(cfg, ("seed", "precision", "max_steps", "round", "student", "train", "optim", "sched",
+                                  "data.labeled", "data.unlabeled", "data.eval", *DATA_KEYS), drop),
+            "student.model (resolved)": {k: preset.get(k) for k in ("name", "img_size", "test_img_size",
+                                                                     "drop_rate", "drop_path_rate")}}
+
+
+def inputs(cfg: DictConfig, s: StudentSettings) -> dict:
+    prev = s.round - 1
+    prev_dir = model_dir_for_round(cfg.run_dir, prev)
+    if not is_done(prev_dir) or not (prev_dir / MODEL_INFO).exists():
+        raise MissingInputError(f"no finished round-{prev} model at {prev_dir}; make it with "
+                                f"`{command_for_round(cfg.run_dir, prev)}`")
+    pl = pseudolabel_dir(cfg.run_dir, s.round)
     if not is_done(pl):
         raise MissingInputError(
-            f"no pseudo-labels for round {cfg.round}: {pl / '_SUCCESS'} does not exist; make them with "
-            f"`python -m noisystudent stage=pseudolabel run_dir={cfg.run_dir} round={cfg.round}`")
+            f"no pseudo-labels for round {s.round}: {pl / '_SUCCESS'} does not exist; make them with "
+            f"`python -m noisystudent stage=pseudolabel run_dir={cfg.run_dir} round={s.round}`")
     sel_json = read_json(pl / "selection.json")
-    if int(sel_json["num_classes"]) != nc:
-        raise DataError(f"{pl} holds pseudo-labels for {sel_json['num_classes']} classes but data.num_classes={nc}; "
-                        f"relabel with `python -m noisystudent stage=pseudolabel round={cfg.round} force=true`")
-    selection = Selection.from_json(sel_json)
-    total = int(sum(sel_json["counts_after"]))
-    if total == 0:
-        raise DataError(f"the round-{cfg.round} selection is empty: no pseudo-label reached "
+    check_num_classes(sel_json["num_classes"], s.num_classes, f"the round-{s.round} selection ({pl})",
+                      f"relabel with `python -m noisystudent stage=pseudolabel round={s.round} force=true`")
+    if int(sum(sel_json["counts_after"])) == 0:
+        raise DataError(f"the round-{s.round} selection is empty: no pseudo-label reached "
                         f"pseudolabel.threshold={sel_json['threshold']}; lower it (e.g. pseudolabel.threshold=0.1) "
                         "and rerun stage=pseudolabel with force=true")
     urls = shards(cfg, "unlabeled")
     paths = label_paths(urls, pl / "labels")
-    urls = [u for u in urls if paths[u].exists()]  # unreadable shards have no label file
-    return selection, sel_json, urls, paths
-
-
-def run(cfg: DictConfig, accelerator) -> dict:
-    out = student_dir(cfg.run_dir, cfg.round)
-    done = skip_if_done(cfg, out)
-    if done is not None:
-        return done
-    preset = student_model(cfg, int(cfg.round))
-    check_model_name(preset.name)
-    prepare_data(cfg, accelerator)
-    nc = num_classes(cfg)
-    s = cfg.student
-    drop_rate = preset.drop_rate if s.drop_rate is None else s.drop_rate
-    drop_path = preset.drop_path_rate if s.drop_path_rate is None else s.drop_path_rate
-    model = create_model(preset.name, nc, drop_rate, drop_path)
-    prev_dir = model_dir_for_round(cfg.run_dir, int(cfg.round) - 1)
-    teacher_info = read_json(prev_dir / MODEL_INFO) if (prev_dir / MODEL_INFO).exists() else None
-    if teacher_info is None:
-        prev = int(cfg.round) - 1
-        raise MissingInputError(f"no finished round-{prev} model at {prev_dir}; make it with "
-                                f"`{command_for_round(cfg.run_dir, prev)}`")
-    params = count_params(model)
-    if params < teacher_info["params"] and not s.allow_smaller:
-        raise ConfigError(
-            f"the student {preset.name} has {params:,} parameters, fewer than its teacher {teacher_info['name']} "
-            f"({teacher_info['params']:,}); Noisy Student needs an equal-or-larger student. Pick a larger "
-            "student.model, or set student.allow_smaller=true")
-    selection, sel_json, unl_urls, paths = load_selection(cfg, nc)
-    labeled = shards(cfg, "labeled")
     shards(cfg, "eval")
+    return {"teacher_dir": prev_dir, "teacher": read_json(prev_dir / MODEL_INFO), "selection": sel_json,
+            "labeled": shards(cfg, "labeled"), "paths": paths,
+            "unlabeled": [u for u in urls if paths[u].exists()]}  # unreadable shards have no label file
 
+
+def work(run: StepRun) -> dict:
+    cfg, s, accelerator, inp = run.cfg, run.settings, run.accelerator, run.inputs
+    t, name = s.train, s.preset["name"]
+    model = create_model(name, s.num_classes, s.drop_rate, s.drop_path_rate)
+    teacher, params = inp["teacher"], count_params(model)
+    if params < teacher["params"] and not s.allow_smaller:
+        raise ConfigError(
+            f"the student {name} has {params:,} parameters, fewer than its teacher {teacher['name']} "
+            f"({teacher['params']:,}); Noisy Student needs an equal-or-larger student. Pick a larger "
+            "student.model, or set student.allow_smaller=true")
     if s.init == "teacher":
-        load_weights(model, prev_dir / MODEL_WEIGHTS)
-    elif s.init != "scratch":
-        raise ConfigError(f"student.init={s.init!r}: use scratch or teacher")
+        load_weights(model, inp["teacher_dir"] / MODEL_WEIGHTS)
 
-    tf = train_transform(preset.img_size, cfg.data, s.randaugment)
-    batch_size = positive_int(cfg, "train.batch_size")
-    ratio = float(s.unlabel_ratio)
-    unl_batch = max(1, int(round(ratio * batch_size)))
-    global_batch = batch_size * accelerator.num_processes
-    n_selected = int(sum(sel_json["counts_after"]))
-    epochs = float(s.epochs if s.epochs is not None else cfg.train.epochs)
+    tf = train_transform(s.preset["img_size"], cfg.data, t.randaugment)
+    unl_batch = max(1, int(round(s.unlabel_ratio * t.batch_size)))
+    global_batch = t.batch_size * accelerator.num_processes
+    n_selected = int(sum(inp["selection"]["counts_after"]))
     # the num_workers decoders are shared by the two streams in proportion to their batch sizes
     # (each at least 1 when any): more processes than that only compete for the same cores
-    workers = int(cfg.num_workers)
-    lab_workers = min(workers, max(1, round(workers / (1 + ratio)))) if workers else 0
+    workers = t.num_workers
+    lab_workers = min(workers, max(1, round(workers / (1 + s.unlabel_ratio)))) if workers else 0
     unl_workers = max(1, workers - lab_workers) if workers else 0
     nice = worker_nice(cfg, accelerator.device)
-    lab_batches = labeled_batches(cfg, labeled, tf, batch_size, nice, lab_workers)
-    join = JoinPseudoLabels(paths, selection, nc)
-    unl_decoder = SampleDecoder(tf, None, labeled=False)
-    buffer = int(cfg.train.shuffle_buffer)
-
-    def batches(seed: int):
-        lab = lab_batches(seed)
-        unl = iter(make_loader(training_stream(unl_urls, unl_decoder, unl_batch, buffer, seed + 17, [join]),
-                               unl_workers, worker_nice=nice))
-        while True:
-            a, b = next(lab), next(unl)
-            yield {"images": torch.cat([a["images"], b["images"]]) if b["images"].numel() else a["images"],
-                   "labels": a["labels"], "targets": b.get("targets"),
-                   "n_corrupt": a["n_corrupt"] + b["n_corrupt"], "shard_errors": a["shard_errors"] + b["shard_errors"]}
-
-    smoothing, weight = float(cfg.train.label_smoothing), float(s.unlabeled_weight)
+    join = JoinPseudoLabels(inp["paths"], Selection.from_json(inp["selection"]), s.num_classes)
+    batches = mixed_batches(
+        labeled_batches(inp["labeled"], SampleDecoder(tf, s.num_classes, labeled=True), t.batch_size,
+                        t.shuffle_buffer, lab_workers, nice),
+        pseudo_labeled_batches(inp["unlabeled"], join, SampleDecoder(tf, None, labeled=False), unl_batch,
+                               t.shuffle_buffer, unl_workers, nice))
     job = TrainJob(
-        step_dir=out,
+        step_dir=run.out,
         model=model,
-        epochs=epochs,
+        settings=t,
         # an epoch is one pass over the selected pseudo-labeled images
         steps_per_epoch=steps_per_epoch(n_selected, unl_batch * accelerator.num_processes),
         global_batch=global_batch,
         batches=batches,
-        loss=lambda logits, b: noisy_student_loss(logits, b["labels"], b.get("targets"), smoothing, weight),
-        config_hash=config_hash(cfg),
+        loss=lambda logits, b: noisy_student_loss(logits, b["labels"], b.get("targets"), t.label_smoothing,
+                                                  s.unlabeled_weight),
+        settings_hash=run.settings_hash,
         extra_summary={
-            "round": int(cfg.round),
-            "teacher": teacher_info,
-            "noise": {"randaugment": s.randaugment, "drop_rate": drop_rate, "drop_path_rate": drop_path},
-            "unlabel_ratio": ratio, "unlabeled_batch": unl_batch, "unlabeled_weight": weight,
-            "init": s.init, "pseudo_labeled_images": n_selected, "hard_labels": bool(sel_json.get("hard")),
+            "round": s.round,
+            "teacher": teacher,
+            "noise": {"randaugment": t.randaugment, "drop_rate": s.drop_rate, "drop_path_rate": s.drop_path_rate},
+            "unlabel_ratio": s.unlabel_ratio, "unlabeled_batch": unl_batch, "unlabeled_weight": s.unlabeled_weight,
+            "init": s.init, "pseudo_labeled_images": n_selected, "hard_labels": bool(inp["selection"].get("hard")),
             "labeled_images_per_step": global_batch,
             "loader_workers": {"labeled": lab_workers, "unlabeled": unl_workers},
         },
     )
-    info = {"name": preset.name, "img_size": preset.img_size,
-            "test_img_size": preset.get("test_img_size") or preset.img_size, "drop_rate": drop_rate,
-            "drop_path_rate": drop_path, "role": "student", "round": int(cfg.round)}
-    if not math.isfinite(epochs) or epochs <= 0:
-        raise ConfigError(f"student.epochs={epochs} must be > 0")
-    return finish_training(cfg, accelerator, job, info)
+    info = {**s.preset, "drop_rate": s.drop_rate, "drop_path_rate": s.drop_path_rate, "role": "student",
+            "round": s.round}
+    return train_and_export(run, job, info)
+
+
+STEP = Step("student", settings, reads, inputs, work, out_dir=lambda cfg: student_dir(cfg.run_dir, cfg.round))

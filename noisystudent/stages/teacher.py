@@ -2,60 +2,77 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from omegaconf import DictConfig
 
-from ..config import config_hash, positive_int, steps_per_epoch, worker_nice
-from ..data.shards import SampleDecoder, count_samples, make_loader, training_stream
+from ..config import (
+    DATA_KEYS,
+    TrainSettings,
+    optional_positive_int,
+    read_settings,
+    steps_per_epoch,
+    train_settings,
+    worker_nice,
+)
+from ..data.shards import SampleDecoder, count_samples
+from ..data.streams import labeled_batches
 from ..data.transforms import train_transform
 from ..engine import TrainJob
 from ..losses import noisy_student_loss
 from ..models import check_model_name, create_model
 from ..rundir import teacher_dir
-from .common import finish_training, num_classes, prepare_data, shards, skip_if_done
+from .common import num_classes, shards, train_and_export
+from .contract import Step, StepRun
 
 
-def labeled_batches(cfg: DictConfig, urls: list[str], transform, batch_size: int, nice: int,
-                    num_workers: int | None = None):
-    """seed -> endless iterator over shuffled, augmented labeled batches (loader workers at `nice`)."""
-    workers = int(cfg.num_workers) if num_workers is None else num_workers
-    decoder = SampleDecoder(transform, num_classes(cfg), labeled=True)
-
-    def make(seed: int):
-        stream = training_stream(urls, decoder, batch_size, int(cfg.train.shuffle_buffer), seed)
-        return iter(make_loader(stream, workers, worker_nice=nice))
-
-    return make
+@dataclass(frozen=True)
+class TeacherSettings:
+    train: TrainSettings
+    num_classes: int
+    labeled_samples: int | None
 
 
-def run(cfg: DictConfig, accelerator) -> dict:
-    out = teacher_dir(cfg.run_dir)
-    done = skip_if_done(cfg, out)
-    if done is not None:
-        return done
-    check_model_name(cfg.model.name)  # config errors before any data is touched
-    prepare_data(cfg, accelerator)
-    nc = num_classes(cfg)
+def settings(cfg: DictConfig) -> TeacherSettings:
+    check_model_name(cfg.model.name)
+    return TeacherSettings(train_settings(cfg), num_classes(cfg), optional_positive_int(cfg, "data.labeled_samples"))
+
+
+def reads(cfg: DictConfig) -> dict:
+    return read_settings(cfg, ("seed", "precision", "max_steps", "model", "init", "train", "optim", "sched",
+                               "data.labeled", "data.eval", "data.labeled_samples", *DATA_KEYS))
+
+
+def inputs(cfg: DictConfig, s: TeacherSettings) -> dict:
     labeled = shards(cfg, "labeled")
     shards(cfg, "eval")  # fail now, not after training, when the eval pattern is wrong
+    return {"labeled": labeled,
+            "n_labeled": count_samples(labeled, "data.labeled", s.labeled_samples, "data.labeled_samples")}
+
+
+def work(run: StepRun) -> dict:
+    cfg, s, accelerator = run.cfg, run.settings, run.accelerator
     m = cfg.model
-    model = create_model(m.name, nc, m.drop_rate, m.drop_path_rate, cfg.init.pretrained, cfg.init.file,
+    model = create_model(m.name, s.num_classes, m.drop_rate, m.drop_path_rate, cfg.init.pretrained, cfg.init.file,
                          cfg.init.checkpoint)
-    batch_size = positive_int(cfg, "train.batch_size")
-    global_batch = batch_size * accelerator.num_processes
-    n_labeled = count_samples(labeled)
-    smoothing = float(cfg.train.label_smoothing)
+    t = s.train
+    global_batch = t.batch_size * accelerator.num_processes
+    decoder = SampleDecoder(train_transform(m.img_size, cfg.data, t.randaugment), s.num_classes, labeled=True)
     job = TrainJob(
-        step_dir=out,
+        step_dir=run.out,
         model=model,
-        epochs=float(cfg.train.epochs),
-        steps_per_epoch=steps_per_epoch(n_labeled, global_batch),
+        settings=t,
+        steps_per_epoch=steps_per_epoch(run.inputs["n_labeled"], global_batch),
         global_batch=global_batch,
-        batches=labeled_batches(cfg, labeled, train_transform(m.img_size, cfg.data, cfg.train.randaugment), batch_size,
+        batches=labeled_batches(run.inputs["labeled"], decoder, t.batch_size, t.shuffle_buffer, t.num_workers,
                                 worker_nice(cfg, accelerator.device)),
-        loss=lambda logits, b: noisy_student_loss(logits, b["labels"], None, smoothing, 0.0),
-        config_hash=config_hash(cfg),
-        extra_summary={"labeled_images": n_labeled, "randaugment": cfg.train.randaugment},
+        loss=lambda logits, b: noisy_student_loss(logits, b["labels"], None, t.label_smoothing, 0.0),
+        settings_hash=run.settings_hash,
+        extra_summary={"labeled_images": run.inputs["n_labeled"], "randaugment": t.randaugment},
     )
     info = {"name": m.name, "img_size": m.img_size, "test_img_size": m.get("test_img_size") or m.img_size,
             "drop_rate": m.drop_rate, "drop_path_rate": m.drop_path_rate, "role": "teacher"}
-    return finish_training(cfg, accelerator, job, info)
+    return train_and_export(run, job, info)
+
+
+STEP = Step("teacher", settings, reads, inputs, work, out_dir=lambda cfg: teacher_dir(cfg.run_dir))
