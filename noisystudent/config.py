@@ -159,9 +159,10 @@ def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettin
 
 # Keys that change how a step runs, not what it computes: never part of a step's settings.
 HOW_KEYS = ("train.ckpt_every_steps", "train.log_every_steps")
-# The keys that define the data a training step reads (the digits keys are null for data=shards).
-DATA_KEYS = ("data.num_classes", "data.crop_scale", "data.crop_pct", "data.hflip", "data.labels_per_class",
-             "data.eval_fraction", "data.split_seed")
+# The keys of the embedded digits' split (null for data=shards): they decide which images are which.
+DATA_SPLIT_KEYS = ("data.labels_per_class", "data.eval_fraction", "data.split_seed")
+# The keys that define the data a training step reads.
+DATA_KEYS = ("data.num_classes", "data.crop_scale", "data.crop_pct", "data.hflip", *DATA_SPLIT_KEYS)
 
 
 def read_settings(cfg: DictConfig, keys: Iterable[str], drop: Iterable[str] = ()) -> dict:

@@ -56,6 +56,8 @@ class Step:
     out_dir: Callable[[DictConfig], Path] | None = None
     # the step's own outputs removed on force=true besides marker and checkpoint (e.g. label files)
     outputs: tuple[str, ...] = ()
+    # a step of round K (cfg.round): the round is part of its seed
+    per_round: bool = False
 
 
 @dataclass
@@ -107,7 +109,7 @@ def run_step(step: Step, cfg: DictConfig, accelerator) -> dict:
     reads = step.reads(cfg)
     digest = settings_hash(reads)
     out = step.out_dir(cfg) if step.out_dir else None
-    round_idx = int(cfg.get("round") or 0) if step.name in ("pseudolabel", "student") else 0
+    round_idx = int(cfg.round) if step.per_round else 0
 
     if out is not None:
         done = _main_decides(accelerator, is_done(out) and not cfg.force)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ..config import positive_int, read_settings, round_number, worker_nice
+from ..config import DATA_SPLIT_KEYS, positive_int, read_settings, round_number, worker_nice
 from ..data.shards import SampleDecoder
 from ..data.streams import ShardBatches, make_loader, rank_shards
 from ..data.transforms import InputNormalizer, eval_transform, model_norm
@@ -69,8 +69,8 @@ def settings(cfg: DictConfig) -> LabelSettings:
 
 
 def reads(cfg: DictConfig) -> dict:
-    return read_settings(cfg, ("round", "data.unlabeled", "data.num_classes", "data.crop_pct", "data.labels_per_class",
-                               "data.eval_fraction", "data.split_seed", "pseudolabel.threshold", "pseudolabel.topk",
+    return read_settings(cfg, ("round", "data.unlabeled", "data.num_classes", "data.crop_pct", *DATA_SPLIT_KEYS,
+                               "pseudolabel.threshold", "pseudolabel.topk",
                                "pseudolabel.temperature", "pseudolabel.hard", "pseudolabel.balance",
                                "pseudolabel.per_class"))
 
@@ -256,4 +256,4 @@ def _per_class_threshold(hist: np.ndarray, sel: dict, threshold: float) -> list[
 
 
 STEP = Step("pseudolabel", settings, reads, inputs, work, out_dir=lambda cfg: pseudolabel_dir(cfg.run_dir, cfg.round),
-            outputs=("labels", SELECTION, "selection.png"))
+            outputs=("labels", SELECTION, "selection.png"), per_round=True)

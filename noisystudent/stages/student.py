@@ -171,4 +171,5 @@ def work(run: StepRun) -> dict:
     return train_and_export(run, job, info)
 
 
-STEP = Step("student", settings, reads, inputs, work, out_dir=lambda cfg: student_dir(cfg.run_dir, cfg.round))
+STEP = Step("student", settings, reads, inputs, work, out_dir=lambda cfg: student_dir(cfg.run_dir, cfg.round),
+            per_round=True)
