@@ -12,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .config import resolve_device_settings, resolve_precision
 from .errors import ConfigError, NoisyStudentError
 from .host_memory import keep_freed_memory
 
@@ -28,17 +29,17 @@ _MODULES = {
 
 
 def make_accelerator(cfg: DictConfig):
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if cfg.precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"precision={cfg.precision!r}: use no, bf16 or fp16")
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.get("precision", "auto"), cuda,
+                                  cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # Without an accelerator device, accelerate only sets up the gloo process group when told
     # cpu=True; otherwise each of N launched processes would silently run alone as "rank 0 of 1".
-    import torch
-
-    accelerator = Accelerator(mixed_precision=cfg.precision, cpu=world > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=precision, cpu=world > 1 and not cuda)
     if world > 1 and accelerator.num_processes != world:
         raise ConfigError(f"launched as {world} processes (WORLD_SIZE) but accelerate set up "
                           f"{accelerator.num_processes}; check the launcher's settings")
@@ -59,6 +60,8 @@ def run_stage(cfg: DictConfig, accelerator=None):
         raise ConfigError(f"stage={name!r} is not a stage: use one of {', '.join(_MODULES)}")
     module = importlib.import_module(f".stages.{_MODULES[name]}", __package__)
     accelerator = accelerator or make_accelerator(cfg)
+    # precision=auto / channels_last=auto become what they mean on this accelerator's device
+    resolve_device_settings(cfg, str(accelerator.mixed_precision), accelerator.device.type)
     if hasattr(module, "STEP"):  # a step of the loop: run under the stage contract (stages/contract.py)
         from .stages.contract import run_step
 

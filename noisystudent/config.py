@@ -86,6 +86,35 @@ def worker_nice(cfg: DictConfig, device) -> int:
     return value
 
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def resolve_precision(value, cuda: bool, bf16_ok: bool) -> str:
+    """`precision`: auto = bf16 on a CUDA device that computes in bf16 natively (Ampere and later), else
+    no. Not on a CPU: autocast there casts every op's inputs and is slower than fp32 on CPUs without
+    bf16 matrix units. fp16 is never automatic: it needs loss scaling, whose overflow check reads a
+    device value at every step."""
+    if value not in PRECISIONS:
+        raise ConfigError(f"precision={value!r}: use auto (bf16 on a GPU that supports it, else no), no, bf16 or fp16")
+    if value == "auto":
+        return "bf16" if cuda and bf16_ok else "no"
+    return value
+
+
+def resolve_channels_last(value, device_type: str) -> bool:
+    """`channels_last`: auto = on for CUDA (tensor-core convolutions want NHWC), off elsewhere."""
+    if value not in ("auto", True, False):
+        raise ConfigError(f"channels_last={value!r}: use auto (on for a CUDA device), true or false")
+    return device_type == "cuda" if value == "auto" else value
+
+
+def resolve_device_settings(cfg: DictConfig, precision: str, device_type: str) -> None:
+    """Replace precision=auto / channels_last=auto by what they mean on this device, in the config every
+    step reads (and records in its settings), so a summary says what actually ran."""
+    cfg.precision = precision
+    cfg.channels_last = resolve_channels_last(cfg.get("channels_last", "auto"), device_type)
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything the training loop reads, checked once (see `train_settings`)."""
@@ -104,6 +133,7 @@ class TrainSettings:
     resume: str
     seed: int
     channels_last: bool
+    compile: bool
     num_workers: int
     optim: dict
     sched: dict
@@ -151,6 +181,7 @@ def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettin
         resume=resume,
         seed=int(cfg.seed),
         channels_last=bool(cfg.channels_last),
+        compile=bool(cfg.train.get("compile", False)),
         num_workers=workers,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         sched=OmegaConf.to_container(cfg.sched, resolve=True),

@@ -21,6 +21,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from .config import TrainSettings, learning_rate
+from .data.prefetch import DevicePrefetcher
 from .data.transforms import InputNormalizer, model_norm
 from .errors import DataError, NoisyStudentError
 from .files import atomic_write
@@ -80,11 +81,16 @@ class Preempted(NoisyStudentError):
     exit_code = 143
 
 
-def stop_requested(accelerator, flag: dict) -> bool:
-    """Whether any process got SIGTERM. All processes agree (a max-reduce), so they stop at the same step
-    and none waits in a collective the others left."""
+def stop_requested(accelerator, flag: dict, agree: bool) -> bool:
+    """Whether to stop for a SIGTERM after this step. With one process, as soon as it came (a host flag).
+    With several, every process must stop at the same step, or the others would wait forever in the next
+    collective: they agree by an all-reduce, which reads a device value, so only at the steps where
+    `agree` is true (the log interval, checkpoints, the last step), never in between. A stop therefore
+    comes at most train.log_every_steps steps after the signal (see docs/stages.md)."""
     if accelerator.num_processes == 1:
         return flag["set"]
+    if not agree:
+        return False
     t = torch.tensor([1 if flag["set"] else 0], device=accelerator.device)
     return bool(accelerator.reduce(t, "sum").item() > 0)
 
@@ -127,13 +133,15 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     """Train job.model; return (EMA model, training summary). Resumes from job.step_dir/checkpoint.pt."""
     s = job.settings
     device = accelerator.device
-    model = job.model.to(device)
+    # the module itself: what the EMA follows and checkpoints save, free of DDP and compile wrappers
+    bare = job.model.to(device)
     if s.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        bare = bare.to(memory_format=torch.channels_last)
+    model = bare
     lr = learning_rate(s.optim, job.global_batch)
-    optimizer = _optimizer(model, s.optim, lr)
+    optimizer = _optimizer(bare, s.optim, lr)
     scheduler = _scheduler(optimizer, s.sched, s.epochs, job.steps_per_epoch)
-    ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=s.ema_warmup)
+    ema = ModelEmaV3(bare, decay=s.ema_decay, use_warmup=s.ema_warmup)
     total_steps = max(1, round(s.epochs * job.steps_per_epoch))
     if s.max_steps:
         total_steps = min(total_steps, s.max_steps)
@@ -144,7 +152,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     resumed_from = None
     if s.resume == "auto" and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+        bare.load_state_dict(state["model"])
         ema.load_state_dict(state["model_ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -158,7 +166,11 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                         job.settings_hash)
     # Every process loaded the same checkpoint into the bare modules above; prepare only wraps them
     # (DDP broadcasts rank 0's weights, which are the same), so nothing loaded is lost.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(bare, optimizer)
+    if s.compile:
+        # compiled around DDP (its graph breaks at the gradient buckets); checkpoints, the EMA and the
+        # exported weights all read `bare`, so none of them holds compile's `_orig_mod.` names
+        model = torch.compile(model)
     scheduler.step_update(num_updates=step)
 
     log.info("training %s: %d steps (%.3g epochs x %d), global batch %d, lr %.3g, %d process(es)",
@@ -168,7 +180,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     def snapshot():
         return {
             # model_ema: the key timm's load_state_dict(use_ema=True) reads, so the checkpoint loads in timm
-            "model": accelerator.unwrap_model(model).state_dict(), "model_ema": ema.state_dict(),
+            "model": bare.state_dict(), "model_ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
             "images_seen": images_seen, "corrupt": corrupt, "wall_s": prior_wall + time.time() - t0,
             "settings_hash": job.settings_hash,
@@ -184,9 +196,10 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     stop_flag = {"set": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(set=True))
     # Seed the stream with the start step so a resumed run does not replay the same batches.
-    batches = job.batches(s.seed * 1_000_003 + step * 7919 + accelerator.process_index)
-    # batches come as uint8 (data/transforms.py), normalized here with the model's mean and std
-    normalize = InputNormalizer(*model_norm(job.model), channels_last=s.channels_last)
+    # Batches come as uint8 (data/transforms.py) and reach the device one step ahead, normalized there
+    # with the model's mean and std (data/prefetch.py).
+    batches = DevicePrefetcher(job.batches(s.seed * 1_000_003 + step * 7919 + accelerator.process_index), device,
+                               InputNormalizer(*model_norm(bare), channels_last=s.channels_last))
     model.train()
     t0 = time.time()
     loop_images, loop_t0 = 0, None
@@ -210,9 +223,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                                     f"{ckpt_path}: rerun the same command to continue (resume=auto)")
                 continue
             empty.reset()
-            # each tensor of the batch goes to the device once; the images are one of them
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            images = normalize(batch["images"])
+            images = batch["images"]  # on the device, normalized (DevicePrefetcher)
             with accelerator.autocast():
                 logits = model(images)
             loss, parts = job.loss(logits, batch)
@@ -223,7 +234,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             scheduler.step_update(num_updates=step)
-            ema.update(accelerator.unwrap_model(model), step=step)
+            ema.update(bare, step=step)
             n = images.shape[0] * accelerator.num_processes
             images_seen += n
             loop_images += n
@@ -233,16 +244,19 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                 logged[name] = logged[name] + value.detach() if name in logged else value.detach().clone()
             logged_steps += 1
             bar.update(1)
-            if step % s.log_every_steps == 0 or step == total_steps:
+            # Nothing above waits for the device: the loss is summed there, and read (with images/s and the
+            # stop agreement of several processes) only at the log interval.
+            log_now = step % s.log_every_steps == 0 or step == total_steps
+            if log_now:
                 last_losses = {k: float(v) / logged_steps for k, v in logged.items()}  # the one read of the device
                 logged.clear()
                 logged_steps = 0
                 ips = loop_images / max(time.time() - loop_t0, 1e-9) if loop_images else 0.0
                 bar.set_postfix(**{k: f"{v:.3f}" for k, v in last_losses.items()},
                                 lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{ips:.0f}", refresh=False)
-            end_of_epoch = step % job.steps_per_epoch == 0
-            stop = stop_requested(accelerator, stop_flag)
-            if step % s.ckpt_every_steps == 0 or end_of_epoch or step == total_steps or stop:
+            save_now = step % s.ckpt_every_steps == 0 or step % job.steps_per_epoch == 0 or step == total_steps
+            stop = stop_requested(accelerator, stop_flag, agree=log_now or save_now)
+            if save_now or stop:
                 checkpoint()
             if stop:
                 raise Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to "
@@ -250,10 +264,11 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     finally:  # whatever ends the loop, the caller gets its SIGTERM handler back
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
+        batches.close()
         del batches  # shuts the loader workers down now, not at interpreter exit
     loop_end = time.time()
     wall = loop_end - t0
-    in_sync = replicas_in_sync(accelerator, accelerator.unwrap_model(model))
+    in_sync = replicas_in_sync(accelerator, bare)
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
     n_shard_errors = int(accelerator.reduce(torch.tensor(sum(shard_errors.values()), device=device), "sum"))
     summary = {
@@ -263,6 +278,8 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         "global_batch": job.global_batch,
         "lr": lr,
         "processes": accelerator.num_processes,
+        # what precision=auto / channels_last=auto became on this device, and train.compile
+        "precision": str(accelerator.mixed_precision), "channels_last": s.channels_last, "compile": s.compile,
         "replicas_in_sync": in_sync,
         "images_seen": images_seen,
         "images_per_sec": loop_images / max(loop_end - loop_t0, 1e-9) if loop_images else 0.0,

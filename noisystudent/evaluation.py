@@ -20,7 +20,8 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
     decoder = SampleDecoder(transform, num_classes, labeled=True)
     normalize = InputNormalizer(*model_norm(model), channels_last=channels_last)
     mine = rank_shards(urls, accelerator.process_index, accelerator.num_processes)
-    loader = make_loader(ordered_stream(urls, decoder, batch_size), num_workers, len(mine), worker_nice)
+    loader = make_loader(ordered_stream(urls, decoder, batch_size), num_workers, len(mine), worker_nice,
+                         pin_memory=device.type == "cuda")
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
@@ -31,8 +32,8 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
             corrupt += batch["n_corrupt"]
             if batch["images"].numel() == 0:
                 continue
-            images = normalize(batch["images"].to(device))
-            labels = batch["labels"].to(device)
+            images = normalize(batch["images"].to(device, non_blocking=True))
+            labels = batch["labels"].to(device, non_blocking=True)
             with accelerator.autocast():
                 logits = model(images)
             pred = logits.topk(k, dim=1).indices

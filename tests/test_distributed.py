@@ -96,3 +96,40 @@ def test_two_nodes_one_process_each(digits_root, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     s = read_json(tmp_path / "teacher" / "summary.json")
     assert s["processes"] == 2 and s["replicas_in_sync"] and s["steps"] == 6 and s["eval"]["images"] == 539
+
+
+def test_sigterm_stops_both_processes_at_one_log_step(digits_root, tmp_path):
+    """SIGTERM to the whole launch (what Slurm's scancel / a time limit sends): the two ranks agree to stop
+    at the next log step (train.log_every_steps=5; the agreement reads the device, so only there), save
+    one checkpoint at that step and exit; the rerun continues from it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from noisystudent.engine import CHECKPOINT, load_checkpoint
+
+    args = ["-m", "noisystudent", "stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST,
+            "train.batch_size=4", "train.epochs=40", "train.ckpt_every_steps=100000", "train.log_every_steps=5",
+            "num_workers=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*ACCELERATE, "--main_process_port", "29543", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ckpt = tmp_path / "teacher" / CHECKPOINT
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no checkpoint in 240 s"
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-2000:]
+    stops = [int(part.split()[0]) for part in err.split("stopped by SIGTERM at step ")[1:]]
+    assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]  # both ranks, one step
+    # a step where the ranks agree: a log step, or an epoch's end (100 labeled / global batch 8 = 13 steps)
+    assert stops[0] % 5 == 0 or stops[0] % 13 == 0
+    assert load_checkpoint(ckpt)["step"] == stops[0]
+    _ok(cli("stage=teacher", *args[3:], f"max_steps={stops[0] + 2}",
+            launcher=ACCELERATE + ["--main_process_port", "29544"]))
+    s = read_json(tmp_path / "teacher" / "summary.json")
+    assert s["resumed_from_step"] == stops[0] and s["steps"] == stops[0] + 2 and s["replicas_in_sync"]

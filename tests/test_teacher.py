@@ -10,10 +10,11 @@ import sys
 import time
 
 import torch
-from conftest import FAST, run
+from conftest import FAST, cli, run
 
 from noisystudent.engine import CHECKPOINT, load_checkpoint
 from noisystudent.files import read_json
+from noisystudent.models import load_exported_model
 
 
 def test_teacher_learns_and_writes_its_step(teacher_run):
@@ -98,3 +99,27 @@ def test_same_seed_same_run(tmp_path, digits_root):
         results.append((s["final_loss"], s["top1"], (tmp_path / name / "teacher" / "model.safetensors").read_bytes()))
     assert results[0] == results[1]
     assert results[0][2] != results[2][2]
+
+
+def test_gpu_levers_run_on_cpu_and_leave_plain_weights(tmp_path, digits_root, teacher_run):
+    """train.compile, precision=bf16 and channels_last=true, set explicitly on a CPU (where auto means off):
+    the teacher trains under them, the summary says what ran, and the checkpoint and exported weights
+    are a plain timm model's (no compile wrapper names). auto resolves to no / false on a CPU."""
+    d = tmp_path / "run"
+    # the command line: a process of its own (accelerate's precision is fixed once per process)
+    cli("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=3", "train.compile=true",
+        "precision=bf16", "channels_last=true", check=True)
+    s = read_json(d / "teacher" / "summary.json")
+    assert (s["precision"], s["channels_last"], s["compile"], s["steps"]) == ("bf16", True, True, 3)
+    assert s["settings"]["precision"] == "bf16" and s["settings"]["train.compile"] is True
+    import timm
+
+    plain = set(timm.create_model("test_efficientnet", num_classes=10).state_dict())
+    state = torch.load(d / "teacher" / CHECKPOINT, weights_only=True)
+    # model_ema: timm's EMA module's state dict (its `module.` prefix is what timm's loader strips)
+    assert set(state["model"]) == plain and {k.removeprefix("module.") for k in state["model_ema"]} == plain
+    model, _ = load_exported_model(d / "teacher", "")  # strict load into a fresh timm model
+    assert set(model.state_dict()) == plain
+    default = read_json(teacher_run / "teacher" / "summary.json")
+    assert (default["precision"], default["channels_last"], default["compile"]) == ("no", False, False)
+    assert default["settings"]["precision"] == "no"

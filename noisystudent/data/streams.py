@@ -92,9 +92,10 @@ class _WorkerInit:
 
 
 def make_loader(pipeline, num_workers: int, shards_per_process: int | None = None,
-                worker_nice: int = 0) -> torch.utils.data.DataLoader:
+                worker_nice: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """DataLoader over a pipeline that batches itself. Workers beyond the number of shards a
-    process reads would get no shard, so their number is capped to it."""
+    process reads would get no shard, so their number is capped to it. pin_memory (for a CUDA
+    device): batches arrive in page-locked memory, so their copy to the device need not wait."""
     if shards_per_process is not None:
         num_workers = min(num_workers, max(shards_per_process, 0))
     return torch.utils.data.DataLoader(
@@ -104,6 +105,7 @@ def make_loader(pipeline, num_workers: int, shards_per_process: int | None = Non
         persistent_workers=False,
         worker_init_fn=_WorkerInit(worker_nice) if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=pin_memory,
     )
 
 
@@ -116,12 +118,12 @@ BatchStream = Callable[[int], Iterator[dict]]  # seed -> endless iterator of bat
 
 
 def labeled_batches(urls: list[str], decoder: SampleDecoder, batch_size: int, shuffle_buffer: int,
-                    num_workers: int, nice: int) -> BatchStream:
+                    num_workers: int, nice: int, pin_memory: bool = False) -> BatchStream:
     """seed -> endless iterator over shuffled, augmented labeled batches (loader workers at `nice`)."""
 
     def make(seed: int):
         return iter(make_loader(training_stream(urls, decoder, batch_size, shuffle_buffer, seed), num_workers,
-                                worker_nice=nice))
+                                worker_nice=nice, pin_memory=pin_memory))
 
     return make
 
@@ -166,14 +168,27 @@ def pseudo_labeled_batches(urls: list[str], join: JoinPseudoLabels, decoder: Sam
     return make
 
 
-def mixed_batches(labeled: BatchStream, pseudo_labeled: BatchStream) -> BatchStream:
+def concat_images(parts: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
+    """uint8 (N, C, H, W) batches laid out channels_last (`stack_hwc`) -> one such batch, in page-locked
+    memory when asked (for a CUDA device: the one host copy, written where the device copy reads it)."""
+    parts = [p for p in parts if p.numel()]
+    if not parts:
+        return torch.empty(0)
+    if len(parts) == 1 and not pin_memory:
+        return parts[0]
+    n, (c, h, w) = sum(p.shape[0] for p in parts), parts[0].shape[1:]
+    out = torch.empty((n, h, w, c), dtype=parts[0].dtype, pin_memory=pin_memory).permute(0, 3, 1, 2)
+    return torch.cat(parts, out=out)
+
+
+def mixed_batches(labeled: BatchStream, pseudo_labeled: BatchStream, pin_memory: bool = False) -> BatchStream:
     """The student's batches: [labeled | pseudo-labeled] images concatenated for one forward pass."""
 
     def make(seed: int):
         lab, unl = labeled(seed), pseudo_labeled(seed)
         while True:
             a, b = next(lab), next(unl)
-            yield {"images": torch.cat([a["images"], b["images"]]) if b["images"].numel() else a["images"],
+            yield {"images": concat_images([a["images"], b["images"]], pin_memory),
                    "labels": a["labels"], "targets": b.get("targets"),
                    "n_corrupt": a["n_corrupt"] + b["n_corrupt"], "shard_errors": a["shard_errors"] + b["shard_errors"],
                    "corrupt_shards": a["corrupt_shards"] + b["corrupt_shards"],

@@ -144,7 +144,8 @@ def work(run: StepRun) -> dict:
         labeled_batches(inp["labeled"], SampleDecoder(tf, s.num_classes, labeled=True), t.batch_size,
                         t.shuffle_buffer, lab_workers, nice),
         pseudo_labeled_batches(inp["unlabeled"], join, SampleDecoder(tf, None, labeled=False), unl_batch,
-                               t.shuffle_buffer, unl_workers, nice))
+                               t.shuffle_buffer, unl_workers, nice),
+        pin_memory=accelerator.device.type == "cuda")
     job = TrainJob(
         step_dir=run.out,
         model=model,

@@ -65,7 +65,7 @@ def work(run: StepRun) -> dict:
         steps_per_epoch=steps_per_epoch(run.inputs["n_labeled"], global_batch),
         global_batch=global_batch,
         batches=labeled_batches(run.inputs["labeled"], decoder, t.batch_size, t.shuffle_buffer, t.num_workers,
-                                worker_nice(cfg, accelerator.device)),
+                                worker_nice(cfg, accelerator.device), pin_memory=accelerator.device.type == "cuda"),
         loss=lambda logits, b: noisy_student_loss(logits, b["labels"], None, t.label_smoothing, 0.0),
         settings_hash=run.settings_hash,
         extra_summary={"labeled_images": run.inputs["n_labeled"], "randaugment": t.randaugment},
