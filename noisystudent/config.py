@@ -109,10 +109,12 @@ def resolve_channels_last(value, device_type: str) -> bool:
 
 
 def resolve_device_settings(cfg: DictConfig, precision: str, device_type: str) -> None:
-    """Replace precision=auto / channels_last=auto by what they mean on this device, in the config every
-    step reads (and records in its settings), so a summary says what actually ran."""
+    """Replace precision=auto / channels_last=auto / pseudolabel.decode=auto by what they mean on this
+    device, in the config every step reads (and records in its settings), so a summary says what ran."""
     cfg.precision = precision
     cfg.channels_last = resolve_channels_last(cfg.get("channels_last", "auto"), device_type)
+    if OmegaConf.select(cfg, "pseudolabel.decode") == "auto":
+        cfg.pseudolabel.decode = "gpu" if device_type == "cuda" else "cpu"
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,9 @@ def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettin
         raise ConfigError(f"num_workers={workers!r} must be an integer >= 0")
     for key in ("optim.name", "sched.name"):
         require(cfg, key)
+    if not isinstance(cfg.channels_last, bool):  # auto is resolved for the device as a stage starts
+        raise ConfigError(f"channels_last={cfg.channels_last!r} is not resolved for a device: run the stage with "
+                          "`python -m noisystudent` (which resolves auto), or set channels_last=true or false")
     return TrainSettings(
         epochs=positive_float(epochs, epochs_key),
         batch_size=positive_int(cfg, "train.batch_size"),
@@ -180,7 +185,7 @@ def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettin
         max_steps=optional_positive_int(cfg, "max_steps"),
         resume=resume,
         seed=int(cfg.seed),
-        channels_last=bool(cfg.channels_last),
+        channels_last=cfg.channels_last,
         compile=bool(cfg.train.get("compile", False)),
         num_workers=workers,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),

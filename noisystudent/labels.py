@@ -63,14 +63,21 @@ def _decode_strings(buf: np.ndarray, offsets: np.ndarray) -> list[str]:
     return [data[offsets[i]:offsets[i + 1]].decode() for i in range(len(offsets) - 1)]
 
 
-def probs_to_topk(probs, k: int):
-    """(top-k ids int32, top-k probs float16, confidence float32, argmax int32) from [n, C] probabilities."""
+def topk_on_device(probs, k: int):
+    """(top-k ids int32, top-k probs float32) of [n, C] probabilities, left on their device."""
     import torch
 
-    k = min(k, probs.shape[1])
-    vals, ids = torch.topk(probs.float(), k, dim=1)
-    return (ids.to(torch.int32).cpu().numpy(), vals.to(torch.float16).cpu().numpy(),
-            vals[:, 0].float().cpu().numpy(), ids[:, 0].to(torch.int32).cpu().numpy())
+    vals, ids = torch.topk(probs.float(), min(k, probs.shape[1]), dim=1)
+    return ids.to(torch.int32), vals
+
+
+def topk_arrays(ids, vals):
+    """`topk_on_device`'s tensors -> (top-k ids int32, top-k probs float16, confidence float32, argmax int32)
+    arrays, as label files store them. Reads the device: call it once the next batch is queued."""
+    import torch
+
+    ids, vals = ids.cpu().numpy(), vals.cpu()
+    return ids, vals.to(torch.float16).numpy(), vals[:, 0].numpy(), ids[:, 0].copy()
 
 
 def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_ids: np.ndarray,

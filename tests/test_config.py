@@ -61,15 +61,16 @@ def test_step_settings_hold_only_the_keys_the_step_reads():
 
 
 def test_train_settings_are_checked_and_student_keys_override():
-    s = train_settings(make_cfg("student.ema_decay=0.99", "student.grad_clip=1.0"), overrides="student")
+    s = train_settings(make_cfg("student.ema_decay=0.99", "student.grad_clip=1.0", "channels_last=false"),
+                       overrides="student")
     assert (s.epochs, s.randaugment, s.ema_decay, s.grad_clip) == (20.0, "rand-n2-m27-mmax27", 0.99, 1.0)
-    t = train_settings(make_cfg())
+    t = train_settings(make_cfg("channels_last=false"))
     assert (t.epochs, t.randaugment, t.ema_decay, t.grad_clip) == (60.0, "rand-n2-m9-mmax27", 0.9999, None)
     for override, key in (("student.epochs=0", "student.epochs"), ("train.ema_decay=1.5", "train.ema_decay"),
                           ("student.grad_clip=-1", "student.grad_clip"), ("train.batch_size=0", "train.batch_size"),
                           ("resume=sometimes", "resume"), ("max_steps=0", "max_steps")):
         with pytest.raises(ConfigError, match=key):
-            train_settings(make_cfg(override), overrides="student")
+            train_settings(make_cfg(override, "channels_last=false"), overrides="student")
 
 
 def test_help_lists_stages_and_groups():
@@ -93,3 +94,27 @@ def test_unknown_stage_is_rejected(tmp_path):
     assert proc.returncode != 0
     assert "stage" in proc.stderr and "distill" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_device_settings_resolve_auto_for_the_device_and_explicit_values_win():
+    from noisystudent.config import resolve_device_settings
+
+    for device, expected in (("cpu", (False, "cpu")), ("cuda", (True, "gpu"))):
+        cfg = make_cfg()
+        assert (cfg.precision, cfg.channels_last, cfg.pseudolabel.decode) == ("auto", "auto", "auto")  # defaults
+        resolve_device_settings(cfg, "no", device)
+        assert (cfg.channels_last, cfg.pseudolabel.decode) == expected
+        cfg = make_cfg("channels_last=false", "pseudolabel.decode=cpu")
+        resolve_device_settings(cfg, "bf16", device)
+        assert (cfg.precision, cfg.channels_last, cfg.pseudolabel.decode) == ("bf16", False, "cpu")
+    with pytest.raises(ConfigError, match="channels_last='sometimes'"):
+        resolve_device_settings(make_cfg("channels_last=sometimes"), "no", "cpu")
+    with pytest.raises(ConfigError, match="channels_last='auto' is not resolved"):
+        train_settings(make_cfg())
+
+
+@pytest.mark.parametrize("override,key", [("precision=fp8", "precision='fp8'"),
+                                          ("pseudolabel.decode=nvjpeg", "pseudolabel.decode='nvjpeg'")])
+def test_device_setting_errors_name_the_key(override, key, tmp_path):
+    proc = cli("stage=pseudolabel", f"run_dir={tmp_path}", override)
+    assert proc.returncode == 2 and key in proc.stderr, proc.stderr[-2000:]

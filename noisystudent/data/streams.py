@@ -201,8 +201,9 @@ class ShardBatches(IterableDataset):
     """Labeling: batches that never cross a shard. Each worker reads whole shards; a shard's last batch
     has last=True, and a shard that cannot be read yields one batch with its error instead."""
 
-    def __init__(self, urls: list[str], decoder: SampleDecoder, batch_size: int):
-        self.urls, self.decoder, self.batch_size = urls, decoder, batch_size
+    def __init__(self, urls: list[str], decoder: Callable[[dict], dict], batch_size: int,
+                 collate: Callable[[list[dict]], dict] = collate_counting):
+        self.urls, self.decoder, self.batch_size, self.collate = urls, decoder, batch_size, collate
 
     def __iter__(self):
         info = get_worker_info()
@@ -214,12 +215,12 @@ class ShardBatches(IterableDataset):
                 try:  # only reading the shard is guarded: decoding guards itself, a transform bug propagates
                     sample = next(samples)
                 except StopIteration:
-                    yield {**collate_counting(pending), "shard": url, "last": True}
+                    yield {**self.collate(pending), "shard": url, "last": True}
                     break
                 except Exception as e:  # noqa: BLE001 - an unreadable shard is reported, not fatal
                     yield {"shard": url, "error": f"{type(e).__name__}: {e}", "last": True}
                     break
                 pending.append(self.decoder(sample))
                 if len(pending) == self.batch_size:
-                    yield {**collate_counting(pending), "shard": url, "last": False}
+                    yield {**self.collate(pending), "shard": url, "last": False}
                     pending = []

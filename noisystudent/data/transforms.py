@@ -78,13 +78,26 @@ class InputNormalizer:
         return x.mul_(self.scale).sub_(self.shift)
 
 
-def eval_transform(img_size: int, data_cfg):
-    """Resize + center crop (crop_pct), no augmentation -> HWC uint8 (normalized by `InputNormalizer`)."""
-    resize_crop = create_transform(
+def eval_resize_crop(img_size: int, data_cfg) -> transforms.Compose:
+    """timm's eval geometry: resize the short side to img_size / crop_pct (bicubic, antialiased), center
+    crop img_size. torchvision applies it alike to a PIL image and to a (C, H, W) tensor on any device,
+    which is how pseudolabel.decode=gpu crops on the GPU exactly what the CPU path crops."""
+    timm_eval = create_transform(
         img_size,
         is_training=False,
         crop_pct=float(data_cfg.get("crop_pct", 0.875)),
         interpolation="bicubic",
-        use_prefetcher=True,  # no ToTensor + Normalize: its last stage is a uint8 conversion, replaced below
+        use_prefetcher=True,  # no ToTensor + Normalize: its last stage is a uint8 conversion, left out here
     )
-    return transforms.Compose([*resize_crop.transforms[:-1], ToHWCArray()])
+    return transforms.Compose(timm_eval.transforms[:-1])
+
+
+def resize_target(resize_crop: transforms.Compose) -> int:
+    """The short side `eval_resize_crop` resizes to (before its center crop)."""
+    size = resize_crop.transforms[0].size
+    return int(size if isinstance(size, int) else min(size))
+
+
+def eval_transform(img_size: int, data_cfg):
+    """Resize + center crop (crop_pct), no augmentation -> HWC uint8 (normalized by `InputNormalizer`)."""
+    return transforms.Compose([*eval_resize_crop(img_size, data_cfg).transforms, ToHWCArray()])

@@ -17,13 +17,14 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import DATA_SPLIT_KEYS, positive_int, read_settings, round_number, worker_nice
+from ..data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw, jpeg_decoder
 from ..data.shards import SampleDecoder
 from ..data.streams import ShardBatches, make_loader, rank_shards
-from ..data.transforms import InputNormalizer, eval_transform, model_norm
+from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm, resize_target
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, read_json, write_json
 from ..inference import prepare
-from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, probs_to_topk, write_label_file
+from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, topk_arrays, topk_on_device, write_label_file
 from ..models import check_num_classes, eval_img_size, load_exported_model
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
 from ..selection import HIST_BINS, class_statistics, select
@@ -33,6 +34,7 @@ from .contract import Step, StepRun
 log = logging.getLogger(__name__)
 
 SELECTION = "selection.json"
+DRAFT_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class LabelSettings:
     strict_shards: bool
     fuse_bn: bool
     compile: bool
+    decode: str  # cpu | gpu (auto is resolved for the device before the step: config.resolve_device_settings)
     jpeg_draft: bool
 
 
@@ -62,17 +65,20 @@ def settings(cfg: DictConfig) -> LabelSettings:
         raise ConfigError(f"pseudolabel.temperature={p.temperature} must be > 0")
     if p.per_class != "auto" and (not isinstance(p.per_class, int) or p.per_class < 1):
         raise ConfigError(f"pseudolabel.per_class={p.per_class!r}: use auto or a positive integer")
+    if p.decode not in ("cpu", "gpu"):
+        raise ConfigError(f"pseudolabel.decode={p.decode!r}: use auto (gpu on a CUDA device, else cpu), cpu or gpu")
     nc = num_classes(cfg)
     return LabelSettings(round_number(cfg), nc, float(p.threshold), min(int(p.topk), nc), float(p.temperature),
                          bool(p.hard), bool(p.balance), p.per_class, positive_int(cfg, "pseudolabel.batch_size"),
-                         bool(p.strict_shards), bool(p.fuse_bn), bool(p.compile), bool(p.jpeg_draft))
+                         bool(p.strict_shards), bool(p.fuse_bn), bool(p.compile), str(p.decode),
+                         bool(p.jpeg_draft))
 
 
 def reads(cfg: DictConfig) -> dict:
     return read_settings(cfg, ("round", "data.unlabeled", "data.num_classes", "data.crop_pct", *DATA_SPLIT_KEYS,
                                "pseudolabel.threshold", "pseudolabel.topk",
                                "pseudolabel.temperature", "pseudolabel.hard", "pseudolabel.balance",
-                               "pseudolabel.per_class"))
+                               "pseudolabel.per_class", "pseudolabel.decode"))
 
 
 def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
@@ -90,22 +96,54 @@ def error_path(label_path: Path) -> Path:
     return label_path.with_name(label_path.name.replace(SUFFIX, ERROR_SUFFIX))
 
 
-def label_shards(run: StepRun, model, transform, normalize: InputNormalizer, img_size: int, todo: list[str]) -> dict:
-    """Label the shards in `todo` (this process's share); returns this process's counts."""
+def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNormalizer, img_size: int,
+                 todo: list[str]) -> dict:
+    """Label the shards in `todo` (this process's share); returns this process's counts.
+
+    The host never waits for the device within a batch: each batch's top-k stays on the device until the
+    next batch has been queued behind it, and is read then (one batch late), so the device always has
+    work while the host writes label files and fetches the next batch."""
     p, cfg, accelerator, paths = run.settings, run.cfg, run.accelerator, run.inputs["paths"]
     device = accelerator.device
-    decoder = SampleDecoder(transform, None, labeled=False, draft_size=img_size if p.jpeg_draft else None)
-    loader = make_loader(ShardBatches(todo, decoder, p.batch_size), int(cfg.num_workers), len(todo),
-                         worker_nice(cfg, accelerator.device))
+    # PIL draft decoding DCT-scales a JPEG by 1/2, 1/4 or 1/8 while staying above the size asked for: ask
+    # for DRAFT_MARGIN x the resize target, so the bicubic resize after it still filters a real downscale
+    draft = DRAFT_MARGIN * resize_target(resize_crop) if p.jpeg_draft else None
+    cpu_decoder = SampleDecoder(transform, None, labeled=False, draft_size=draft)
+    on_device = p.decode == "gpu"
+    if on_device:
+        device_decoder = DeviceJpegDecoder(device, resize_crop, transform, cpu_decoder.draft_size)
+        batches = ShardBatches(todo, RawJpegDecoder(cpu_decoder), p.batch_size, collate_raw)
+    else:
+        batches = ShardBatches(todo, cpu_decoder, p.batch_size)
+    loader = make_loader(batches, int(cfg.num_workers), len(todo), worker_nice(cfg, device),
+                         pin_memory=device.type == "cuda")
     meta = {"num_classes": p.num_classes, "topk": p.topk, "temperature": p.temperature, "hard": p.hard}
     parts: dict[str, list] = {}
     corrupt: dict[str, list[str]] = {}
     stats = {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
-    temperature = p.temperature
+
+    def finish(url: str, keys: list[str], last: bool, topk) -> None:
+        """Host side of a batch: its top-k read from the device; a shard's file written after its last batch."""
+        if keys:
+            parts.setdefault(url, []).append((keys, *topk_arrays(*topk)))
+        if last:
+            chunks = parts.pop(url, [])
+            keys = [k for c in chunks for k in c[0]]
+            cat = [np.concatenate([c[i] for c in chunks]) if chunks else None for i in range(1, 5)]
+            bad = corrupt.pop(url, [])
+            write_label_file(paths[url], url, keys, *cat, bad, meta)
+            stats["images"] += len(keys)
+            stats["corrupt"] += len(bad)
+            stats["shards_done"] += 1
+
+    pending = None  # the previous batch: (url, keys, last, top-k on the device)
     with torch.inference_mode():
         for batch in loader:
             url = batch["shard"]
             if "error" in batch:
+                if pending:
+                    finish(*pending)
+                    pending = None
                 parts.pop(url, None)
                 corrupt.pop(url, None)
                 if p.strict_shards:
@@ -116,21 +154,23 @@ def label_shards(run: StepRun, model, transform, normalize: InputNormalizer, img
                 write_json(error_path(paths[url]), {"shard": url, "error": batch["error"]})
                 continue
             corrupt.setdefault(url, []).extend(batch["corrupt_keys"])
-            if batch["images"].numel():
-                images = normalize(batch["images"].to(device, non_blocking=True))
+            if on_device:
+                images, keys, found_corrupt = device_decoder(batch)
+                corrupt[url].extend(found_corrupt)
+            else:
+                images, keys = batch["images"].to(device, non_blocking=True), batch["keys"]
+            topk = None
+            if images.numel():
                 with accelerator.autocast():
-                    logits = model(images)
-                probs = torch.softmax(logits.float() / temperature, dim=1)
-                parts.setdefault(url, []).append((batch["keys"], *probs_to_topk(probs, meta["topk"])))
-            if batch["last"]:
-                chunks = parts.pop(url, [])
-                keys = [k for c in chunks for k in c[0]]
-                cat = [np.concatenate([c[i] for c in chunks]) if chunks else None for i in range(1, 5)]
-                bad = corrupt.pop(url, [])
-                write_label_file(paths[url], url, keys, *cat, bad, meta)
-                stats["images"] += len(keys)
-                stats["corrupt"] += len(bad)
-                stats["shards_done"] += 1
+                    logits = model(normalize(images))
+                topk = topk_on_device(torch.softmax(logits.float() / p.temperature, dim=1), p.topk)
+            if pending:
+                finish(*pending)
+            pending = (url, keys if topk is not None else [], batch["last"], topk)
+        if pending:
+            finish(*pending)
+    if on_device:
+        stats["decode"] = {**device_decoder.counts, "decoder": device_decoder.backend}
     return stats
 
 
@@ -179,10 +219,18 @@ def work(run: StepRun) -> dict:
     model, applied = prepare(model, example, s.fuse_bn, bool(cfg.channels_last), s.compile)
     model = model.to(accelerator.device)
     t0 = time.time()
-    stats = label_shards(run, model, transform, normalize, img_size, todo) if todo else {
-        "images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
+    stats = label_shards(run, model, transform, eval_resize_crop(img_size, cfg.data), normalize, img_size,
+                         todo) if todo else {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
     wall = time.time() - t0
-    labeled_now = int(accelerator.reduce(torch.tensor(stats["images"], device=accelerator.device), "sum"))
+    counts = stats.get("decode", {})
+    labeled_now, device_decoded, cpu_fallback = (int(v) for v in accelerator.reduce(torch.tensor(
+        [stats["images"], counts.get("device_decoded", 0), counts.get("cpu_fallback", 0)], device=accelerator.device),
+        "sum").tolist())
+    # where the images of this run were decoded (summed over processes); cpu_fallback: images the device
+    # decoder does not take (not JPEG, CMYK, ...) or refused, decoded with PIL instead
+    applied["decode"] = {"where": s.decode, **({"decoder": counts.get("decoder", jpeg_decoder()[1]),
+                                                 "device_decoded": device_decoded, "cpu_fallback": cpu_fallback}
+                                                if s.decode == "gpu" else {})}
     accelerator.wait_for_everyone()  # every label file is written
     if not accelerator.is_main_process:
         return {}

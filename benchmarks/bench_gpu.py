@@ -1,0 +1,535 @@
+"""GPU throughput (images/s) and peak GPU memory, efficientnet_b0 at 224 px: labeling and training, ours vs
+timm's own scripts vs the model's limits on ready tensors. One command, under 10 minutes on one H100 (a time
+budget, --budget-s, ends the repeats early rather than run past it):
+
+    python benchmarks/bench_gpu.py --timm-inference /path/to/timm/inference.py \\
+        --timm-train /path/to/timm/train.py --out gpu.json
+
+CPU smoke test of every code path but the CUDA-only calls (test_efficientnet at 64 px, a few dozen images,
+a few steps; its figures say nothing about a GPU):
+
+    python benchmarks/bench_gpu.py --device cpu --quick
+
+Data: --images photo-like 500x375 JPEGs (bench_pseudolabel.make_jpegs) in 10 class folders, which timm's
+scripts read as they are, and the same files in 2 x --workers webdataset shards (with a class per sample)
+for our stages. Every method runs the same model with 10 classes, --batch images per step, --workers
+loader processes, bf16 autocast and channels_last (timm's scripts: --amp --amp-dtype bfloat16, our
+precision, --channels-last).
+
+Labeling (a randomly initialised teacher, top-5 kept):
+  gpu_decode      python -m noisystudent stage=pseudolabel pseudolabel.decode=gpu
+  cpu_decode      the same with pseudolabel.decode=cpu
+  timm_inference  timm's inference.py --amp --channels-last over the image folder (--timm-inference)
+  forward         the limit: forward + softmax in bf16 autocast on a ready channels_last batch on the device
+                  (inference_mode, cudnn.benchmark; BatchNorm not folded, as timm runs the model)
+Training (RandAugment rand-n2-m9-mmax27 after a random resized crop and flip, AdamW lr 2e-3 wd 0.05, EMA
+0.9999 with warm-up, label smoothing 0.1, dropout and stochastic depth 0.2 as the efficientnet_b0 preset):
+  teacher         python -m noisystudent stage=teacher precision=bf16 channels_last=true max_steps=...
+  student         stage=student: --batch/2 labeled + --batch/2 pseudo-labeled images per step
+  timm_train      timm's train.py --amp --channels-last, one epoch of --steps updates (--timm-train)
+  step            the limit: forward + backward + AdamW (timm.optim.create_optimizer_v2, fused) + EMA update
+                  (timm.utils.ModelEmaV3) in bf16 autocast on a ready channels_last batch on the device
+
+Steady state only: a loader starts with a burst (every worker's first batches are ready at once, and more
+pile up while the first step waits for CUDA), so images/s over a whole short run overstates what the
+pipeline sustains. Each subprocess method is therefore measured over the second half of its work: ours
+as the difference of two runs, half the shards then all of them (labeling: one shard per worker, then
+two) and --steps/2 then --steps steps (training), from each stage's own loop time in summary.json;
+timm's from its own per-batch / per-update timer over the second half of its batches. The limits time
+--steps iterations after warm-up ones. The methods are interleaved over --repeats; medians are compared.
+
+Peak GPU memory: the limits' torch.cuda.max_memory_allocated; a subprocess's, the peak of nvidia-smi's
+memory.used for this GPU while it ran, less the level before it started (so it holds that process's CUDA
+context and its allocator's cache as well: not comparable one to one with the limits' figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_pseudolabel import make_jpegs, setup_teacher  # noqa: E402
+
+AUG = "rand-n2-m9-mmax27"
+CLASSES = 10
+PRESETS = {
+    "full": {"model": "efficientnet_b0", "img_size": 224, "src": (500, 375), "images": 16384, "batch": 256,
+             "steps": 96, "warmup": 10},
+    "quick": {"model": "test_efficientnet", "img_size": 64, "src": (160, 120), "images": 64, "batch": 8,
+              "steps": 6, "warmup": 2},
+}
+ROWS = {  # key (for --skip and the JSON): (stage, method)
+    "gpu_decode": ("labeling", "ours, pseudolabel.decode=gpu"),
+    "cpu_decode": ("labeling", "ours, pseudolabel.decode=cpu"),
+    "timm_inference": ("labeling", "timm inference.py --amp --channels-last"),
+    "forward": ("labeling", "limit: forward + softmax on ready tensors"),
+    "teacher": ("training", "ours, stage=teacher"),
+    "student": ("training", "ours, stage=student (labeled + pseudo-labeled)"),
+    "timm_train": ("training", "timm train.py --amp --channels-last"),
+    "step": ("training", "limit: fwd + bwd + AdamW + EMA on ready tensors"),
+}
+
+
+class Skip(Exception):
+    """A method that cannot run here (e.g. timm's script needs a package that is not installed)."""
+
+
+class GpuMemory:
+    """memory.used (MiB) of this process's GPU as nvidia-smi sees it: what a subprocess holds on it."""
+
+    def __init__(self, device: torch.device):
+        self.query = None
+        if device.type != "cuda":
+            return
+        uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", ""))
+        ids = [uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"] if uuid else []
+        error = None
+        for gpu in [*ids, str(device.index or 0)]:  # nvidia-smi ignores CUDA_VISIBLE_DEVICES: the UUID is exact
+            self.query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", f"--id={gpu}"]
+            try:
+                self.read()
+                return
+            except (OSError, subprocess.CalledProcessError, ValueError, IndexError) as e:
+                error = e
+        print(f"nvidia-smi is not usable ({error}): the subprocesses' GPU memory is left out", file=sys.stderr)
+        self.query = None
+
+    def read(self) -> float:
+        out = subprocess.run(self.query, capture_output=True, text=True, check=True).stdout
+        return float(out.split()[0])
+
+    def watch(self) -> subprocess.Popen | None:
+        """nvidia-smi printing memory.used every 100 ms until stopped (one process, not one per reading)."""
+        if self.query is None:
+            return None
+        return subprocess.Popen([*self.query, "--loop-ms=100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+
+
+@dataclass
+class Bench:
+    device: torch.device
+    model: str
+    img_size: int
+    images: int
+    batch: int
+    steps: int
+    warmup: int
+    workers: int
+    work: Path
+    data: dict
+    gpu_memory: GpuMemory
+    timm_inference: str | None
+    timm_train: str | None
+
+
+def run_cmd(b: Bench, cmd: list[str]) -> tuple[str, float | None]:
+    """Run a command to its end; its output and the GPU memory it added at its peak (MiB; None without CUDA)."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if b.device.type == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # ours would take a GPU where there is one
+    base = b.gpu_memory.read() if b.gpu_memory.query else None
+    watcher = b.gpu_memory.watch()
+    readings: list[float] = []
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=b.work, env=env)
+    finally:
+        if watcher is not None:
+            watcher.terminate()
+            readings = [float(x) for x in watcher.communicate()[0].split()]
+    text = out.stdout + out.stderr
+    if out.returncode != 0:
+        missing = re.findall(r"ModuleNotFoundError: .*", text)
+        if missing:
+            raise Skip(f"needs a package that is not installed ({missing[-1]})")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
+    return text, None if base is None else max(readings, default=base) - base
+
+
+def _write_shard(path: Path, items: list[tuple[str, Path, int]]) -> int:
+    from noisystudent.data.writer import write_shard
+
+    return write_shard(path, ({"__key__": key, "jpg": f.read_bytes(), "cls": str(c).encode()} for key, f, c in items))
+
+
+def make_data(work: Path, images: int, src: tuple[int, int], shards: int, timm_train_images: int,
+              procs: int) -> dict:
+    """JPEGs in class folders (timm's image folder), the same files as shards, timm's train/validation splits."""
+    root = work / f"data_{images}_{src[0]}x{src[1]}_{shards}"
+    img_dir = root / "images"
+    if not (root / "done").exists():
+        counts = [images // CLASSES + (c < images % CLASSES) for c in range(CLASSES)]
+        with ProcessPoolExecutor(procs) as pool:
+            list(pool.map(make_jpegs, [img_dir / f"c{c}" for c in range(CLASSES)], counts,
+                          [src] * CLASSES, range(CLASSES)))
+            files = sorted(img_dir.rglob("*.jpg"))
+            items = [(f"{f.parent.name}__{f.stem}", f, int(f.parent.name[1:])) for f in files]
+            list(pool.map(_write_shard, [root / "shards" / f"shard-{s:06d}.tar" for s in range(shards)],
+                          [items[s::shards] for s in range(shards)]))
+        for i in range(timm_train_images):  # timm's epoch is its train folder: links to the same files
+            f = files[i % len(files)]
+            link = root / "timm" / "train" / f.parent.name / f"{i:07d}.jpg"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(f)
+        for c in range(CLASSES):
+            (root / "timm" / "validation" / f"c{c}").mkdir(parents=True)
+            (root / "timm" / "validation" / f"c{c}" / "img.jpg").symlink_to(img_dir / f"c{c}" / "img000000.jpg")
+        (root / "done").touch()
+    pattern = str(root / "shards" / "shard-{{000000..{:06d}}}.tar")
+    return {"images": img_dir, "timm": root / "timm", "all": pattern.format(shards - 1),
+            "half": pattern.format(shards // 2 - 1), "eval": str(root / "shards" / "shard-000000.tar")}
+
+
+# --- our stages, through the command line -----------------------------------------------------------------
+
+def stage_cli(b: Bench, run_dir: Path, *overrides: str) -> tuple[dict, float | None]:
+    """`python -m noisystudent ...` in a fresh process; its summary.json and peak GPU memory."""
+    from noisystudent.rundir import pseudolabel_dir, student_dir, teacher_dir
+
+    d = b.data
+    _, peak = run_cmd(b, [sys.executable, "-m", "noisystudent", "data=shards", f"run_dir={run_dir}",
+                          f"data.labeled='{d['all']}'", f"data.unlabeled='{d['all']}'", f"data.eval='{d['eval']}'",
+                          f"data.num_classes={CLASSES}", "model=efficientnet_b0", f"model.name={b.model}",
+                          f"model.img_size={b.img_size}", f"model.test_img_size={b.img_size}",
+                          f"num_workers={b.workers}", "precision=bf16", "channels_last=true", "force=true",
+                          *overrides])  # last: they win
+    stage = next(o.split("=", 1)[1] for o in overrides if o.startswith("stage="))
+    step = {"teacher": teacher_dir(run_dir), "pseudolabel": pseudolabel_dir(run_dir, 1),
+            "student": student_dir(run_dir, 1)}[stage]
+    return json.loads((step / "summary.json").read_text()), peak
+
+
+def steady(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """images/s between two runs given as (images, seconds): the second run's extra work over its extra time."""
+    if b[1] <= a[1]:
+        raise RuntimeError(f"the longer run took no longer ({a} -> {b}): raise --images / --steps")
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def label_ours(b: Bench, decode: str) -> dict:
+    runs, peaks = [], []
+    for pattern in (b.data["half"], b.data["all"]):
+        s, peak = stage_cli(b, b.work / "label_run", "stage=pseudolabel", f"data.unlabeled='{pattern}'",
+                            f"pseudolabel.batch_size={b.batch}", f"pseudolabel.decode={decode}")
+        runs.append((s["images_labeled_this_run"], s["wall_s"]))
+        peaks.append(peak)
+    return {"images_per_sec": steady(*runs), "peak_mib": _max(peaks), "runs": runs}
+
+
+def train_ours(b: Bench, stage: str) -> dict:
+    if stage == "teacher":
+        # an epoch far longer than the run: no end-of-epoch checkpoint inside it
+        extra = ["stage=teacher", f"train.batch_size={b.batch}", "train.epochs=1",
+                 f"data.labeled_samples={100 * b.steps * b.batch}"]
+        run_dir = b.work / "teacher_run"
+    else:
+        extra = ["stage=student", f"train.batch_size={b.batch // 2}", "student.unlabel_ratio=1",
+                 "student.epochs=100"]
+        run_dir = b.work / "student_run"
+    runs, peaks, summary = [], [], {}
+    for steps in (b.steps // 2, b.steps):
+        summary, peak = stage_cli(b, run_dir, *extra, f"max_steps={steps}", f"train.randaugment={AUG}",
+                                  f"student.randaugment={AUG}", "train.ckpt_every_steps=1000000")
+        # images/s in summary.json counts from the end of the first step
+        counted = summary["images_seen"] * (summary["steps"] - 1) / summary["steps"]
+        runs.append((counted, counted / summary["images_per_sec"]))
+        peaks.append(peak)
+    return {"images_per_sec": steady(*runs), "peak_mib": _max(peaks), "runs": runs,
+            **{k: summary[k] for k in ("precision", "channels_last", "compile")}}
+
+
+def prepare_student(b: Bench) -> None:
+    """A finished teacher (random weights) and round-1 pseudo-labels for stage=student."""
+    run_dir = b.work / "student_run"
+    setup_teacher(run_dir, b.model, b.img_size)
+    # a random teacher is unsure of everything: a low threshold keeps every image
+    stage_cli(b, run_dir, "stage=pseudolabel", "pseudolabel.threshold=0.01", "pseudolabel.decode=cpu",
+              f"pseudolabel.batch_size={b.batch}")
+
+
+# --- timm's scripts ---------------------------------------------------------------------------------------
+
+def second_half(times: list[float], batch: int, what: str) -> float:
+    """images/s from a script's own per-batch timer, over the second half of its batches."""
+    if len(times) < 4:
+        raise RuntimeError(f"{what}: {len(times)} timed batches in its log")
+    window = times[len(times) // 2:]
+    return batch * len(window) / sum(window)
+
+
+def label_timm(b: Bench) -> dict:
+    out, peak = run_cmd(b, [
+        sys.executable, b.timm_inference, str(b.data["images"]), "--model", b.model, "--num-classes",
+        str(CLASSES), "--img-size", str(b.img_size), "--crop-pct", "0.875", "--batch-size", str(b.batch),
+        "--workers", str(b.workers), "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--device",
+        b.device.type, "--checkpoint", str(b.work / "label_run" / "timm_ckpt.pth"), "--topk", "5",
+        "--label-type", "none", "--log-freq", "1", "--no-console-results", "--results-dir",
+        str(b.work / "timm_inference_out")])
+    times = [float(t) for t in re.findall(r"Time (\d+\.\d+) \(", out)]
+    return {"images_per_sec": second_half(times, b.batch, "timm inference.py"), "peak_mib": peak}
+
+
+def train_timm(b: Bench) -> dict:
+    out, peak = run_cmd(b, [
+        sys.executable, b.timm_train, "--data-dir", str(b.data["timm"]), "--model", b.model, "--num-classes",
+        str(CLASSES), "--img-size", str(b.img_size), "-b", str(b.batch), "-j", str(b.workers), "--epochs", "1",
+        "--opt", "adamw", "--lr", "0.002", "--weight-decay", "0.05", "--sched", "cosine", "--warmup-epochs", "0",
+        "--smoothing", "0.1", "--aa", AUG, "--color-jitter", "0", "--train-interpolation", "bicubic",
+        "--drop", "0.2", "--drop-path", "0.2", "--model-ema", "--model-ema-decay", "0.9999", "--model-ema-warmup",
+        "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--device", b.device.type, "--log-interval", "1",
+        "--output", str(b.work / "timm_train_out"), "--checkpoint-hist", "1"])
+    times = [float(t) for t in re.findall(r"Time: (\d+\.\d+)s,", out)]
+    return {"images_per_sec": second_half(times, b.batch, "timm train.py"), "peak_mib": peak}
+
+
+# --- the limits, in this process --------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(b: Bench, step) -> dict:
+    """--warmup calls, then images/s over --steps calls; the peak of allocated device memory."""
+    for _ in range(b.warmup):
+        step()
+    _sync(b.device)
+    t0 = time.perf_counter()
+    for _ in range(b.steps):
+        step()
+    _sync(b.device)
+    ips = b.steps * b.batch / (time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(b.device) / 2**20 if b.device.type == "cuda" else None
+    return {"images_per_sec": ips, "peak_mib": peak}
+
+
+def _ready(b: Bench, **model_kwargs):
+    """The model and a batch on the device, channels_last; peak memory counted from here."""
+    import timm
+
+    if b.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(b.device)
+    model = timm.create_model(b.model, num_classes=CLASSES, **model_kwargs)
+    model = model.to(b.device, memory_format=torch.channels_last)
+    x = torch.randn(b.batch, 3, b.img_size, b.img_size, device=b.device).contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
+def forward_limit(b: Bench) -> dict:
+    model, x = _ready(b)
+    model.eval()
+
+    def step():
+        with torch.autocast(b.device.type, dtype=torch.bfloat16):
+            logits = model(x)
+        torch.softmax(logits.float(), dim=1)
+
+    with torch.inference_mode():
+        return timed(b, step)
+
+
+def step_limit(b: Bench) -> dict:
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+
+    model, x = _ready(b, drop_rate=0.2, drop_path_rate=0.2)
+    model.train()
+    y = torch.randint(0, CLASSES, (b.batch,), device=b.device)
+    opt = create_optimizer_v2(model, opt="adamw", lr=0.002, weight_decay=0.05, fused=True)
+    ema = ModelEmaV3(model, decay=0.9999, use_warmup=True)
+    count = [0]
+
+    def step():
+        with torch.autocast(b.device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        count[0] += 1
+        ema.update(model, step=count[0])
+
+    return timed(b, step)
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+def _max(xs):
+    xs = [x for x in xs if x is not None]
+    return max(xs) if xs else None
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def table(runs: dict[str, list[dict]], med: dict[str, float], skipped: dict[str, str]) -> str:
+    lines = ["| stage | method | images/s (median) | runs | peak GPU MiB |", "|---|---|---:|---|---:|"]
+    for key, (stage, method) in ROWS.items():
+        if key in med:
+            mem = _max([r["peak_mib"] for r in runs[key]])
+            src = "" if mem is None else (" (allocated)" if key in ("forward", "step") else " (nvidia-smi)")
+            lines.append(f"| {stage} | {method} | {_fmt(med[key])} | "
+                         f"{', '.join(_fmt(r['images_per_sec']) for r in runs[key])} | {_fmt(mem)}{src} |")
+        elif key in skipped:
+            lines.append(f"| {stage} | {method} | skipped: {skipped[key]} | | |")
+    return "\n".join(lines)
+
+
+def goals(med: dict[str, float]) -> list[dict]:
+    checks = [("labeling: ours gpu decode / timm inference.py", "gpu_decode", "timm_inference", 1.5),
+              ("labeling: ours gpu decode, images/s", "gpu_decode", None, 10_000),
+              ("training: teacher / timm train.py", "teacher", "timm_train", 1.15),
+              ("training: student / timm train.py", "student", "timm_train", 1.15),
+              ("training: teacher / step limit", "teacher", "step", 0.85),
+              ("training: student / step limit", "student", "step", 0.85)]
+    out = []
+    for name, num, den, goal in checks:
+        value = None
+        if num in med and (den is None or den in med):
+            value = med[num] / med[den] if den else med[num]
+        out.append({"check": name, "value": value, "goal": goal, "met": None if value is None else value >= goal})
+    return out
+
+
+def goal_lines(checks: list[dict]) -> list[str]:
+    lines = []
+    for c in checks:
+        ratio = c["goal"] < 100
+        value = "n/a (a row is missing)" if c["value"] is None else (
+            f"{c['value']:.2f}x" if ratio else f"{c['value']:,.0f}")
+        goal = f">= {c['goal']}x" if ratio else f">= {c['goal']:,}"
+        verdict = "" if c["met"] is None else ("  met" if c["met"] else "  NOT met")
+        lines.append(f"- {c['check']}: {value} (goal {goal}){verdict}")
+    return lines
+
+
+def environment(device: torch.device) -> dict:
+    import timm
+
+    repo = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "noisystudent": commit,
+            "cpu_cores": os.cpu_count()}
+
+
+# --- main -------------------------------------------------------------------------------------------------
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--quick", action="store_true", help="smoke sizes: test_efficientnet at 64 px, a few dozen "
+                    "images, a few steps")
+    ap.add_argument("--images", type=int, help="JPEGs to label (rounded down to 2 x workers x batch); "
+                    "full: 16384, quick: 64")
+    ap.add_argument("--steps", type=int, help="training steps of the longer run (and timm's epoch), and "
+                    "timed iterations of the limits; full: 96, quick: 6")
+    ap.add_argument("--batch", type=int, help="images per step, labeling and training; full: 256, quick: 8")
+    ap.add_argument("--workers", type=int, help="loader processes of every method; full: the CPU count, quick: 2")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every method, interleaved; medians compared")
+    ap.add_argument("--skip", nargs="+", choices=ROWS, default=[], help="rows to leave out")
+    ap.add_argument("--timm-inference", help="path to timm's inference.py (its row is skipped without it)")
+    ap.add_argument("--timm-train", help="path to timm's train.py (its row is skipped without it)")
+    ap.add_argument("--budget-s", type=float, default=570,
+                    help="no further repeat is started that would end past this many seconds from the start")
+    ap.add_argument("--workdir", help="keep data and runs here (reused when there), instead of a temporary dir")
+    ap.add_argument("--out", help="write the results as JSON here")
+    return ap.parse_args()
+
+
+def setup(args) -> Bench:
+    p = PRESETS["quick" if args.quick else "full"]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --device cpu --quick for the smoke test")
+    workers = args.workers or (2 if args.quick else os.cpu_count())
+    batch, steps = args.batch or p["batch"], args.steps or p["steps"]
+    shards = 2 * workers  # labeling: one shard per worker in the shorter run, two in the longer
+    images = max(1, (args.images or p["images"]) // (shards * batch)) * shards * batch
+    if images < steps * batch // 2:
+        sys.exit(f"--images {images} < --steps x --batch / 2: the student's epoch (one pass over the "
+                 "pseudo-labeled images) would end inside its run")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_gpu_"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = make_data(work, images, p["src"], shards, steps * batch, min(workers, CLASSES))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # for the limits, as timm's scripts set it
+    return Bench(device, p["model"], p["img_size"], images, batch, steps, p["warmup"], workers, work, data,
+                 GpuMemory(device), args.timm_inference, args.timm_train)
+
+
+def main():
+    args = parse_args()
+    t_start = time.time()
+    b = setup(args)
+    env = environment(b.device)
+    settings = {k: getattr(b, k) for k in ("model", "img_size", "images", "batch", "steps", "warmup", "workers")}
+    print(f"{env['device']} | torch {env['torch']} | timm {env['timm']} | noisystudent {env['noisystudent']}")
+    print(f"settings: {settings}, repeats {args.repeats}, work dir {b.work}", flush=True)
+
+    setup_teacher(b.work / "label_run", b.model, b.img_size)  # also timm_ckpt.pth for timm's inference.py
+    methods = {"gpu_decode": lambda: label_ours(b, "gpu"), "cpu_decode": lambda: label_ours(b, "cpu"),
+               "timm_inference": lambda: label_timm(b), "forward": lambda: forward_limit(b),
+               "teacher": lambda: train_ours(b, "teacher"), "student": lambda: train_ours(b, "student"),
+               "timm_train": lambda: train_timm(b), "step": lambda: step_limit(b)}
+    skipped = {k: "--skip" for k in args.skip}
+    for key, script in (("timm_inference", b.timm_inference), ("timm_train", b.timm_train)):
+        if script is None:
+            skipped.setdefault(key, f"no --{key.replace('_', '-')} given")
+    methods = {k: v for k, v in methods.items() if k not in skipped}
+    if "student" in methods:
+        prepare_student(b)
+
+    runs: dict[str, list[dict]] = {k: [] for k in methods}
+    t_loop = time.time()
+    for r in range(args.repeats):  # interleaved, so a slow spell of the machine hits every method alike
+        for key in list(methods):
+            try:
+                runs[key].append(methods[key]())
+            except Skip as e:
+                skipped[key] = str(e)
+                del methods[key], runs[key]
+        print(f"repeat {r + 1}: " + json.dumps({k: [round(x["images_per_sec"], 1) for x in v]
+                                                for k, v in runs.items()}), file=sys.stderr, flush=True)
+        per_repeat = (time.time() - t_loop) / (r + 1)
+        if r + 1 < args.repeats and time.time() + per_repeat - t_start > args.budget_s:
+            print(f"stopping after {r + 1} repeat(s): another would end past --budget-s {args.budget_s:.0f}",
+                  file=sys.stderr)
+            break
+
+    med = {k: statistics.median(x["images_per_sec"] for x in v) for k, v in runs.items() if v}
+    checks = goals(med)
+    print()
+    print(table(runs, med, skipped))
+    print()
+    print("Goal checks (medians)" + (" - a CPU smoke run: not the GPU's figures" if b.device.type == "cpu" else ""))
+    print("\n".join(goal_lines(checks)))
+    print(f"\n{time.time() - t_start:.0f} s in all")
+    if args.out:
+        result = {**env, "settings": {**settings, "repeats_done": len(next(iter(runs.values()), []))},
+                  "median_images_per_sec": med, "runs": runs, "skipped": skipped, "goals": checks,
+                  "wall_s": time.time() - t_start}
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
