@@ -1,6 +1,6 @@
 """GPU throughput (images/s) and peak GPU memory, efficientnet_b0 at 224 px: labeling and training, ours vs
-timm's own scripts vs the model's limits on ready tensors. One command, under 10 minutes on one H100 (a time
-budget, --budget-s, ends the repeats early rather than run past it):
+timm's own scripts vs the model's limits on ready tensors. One command, sized for under 10 minutes on one
+H100 host with 16 cores; a time budget (--budget-s) starts no repeat that would end past it:
 
     python benchmarks/bench_gpu.py --timm-inference /path/to/timm/inference.py \\
         --timm-train /path/to/timm/train.py --out gpu.json
@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,16 @@ class Bench:
     timm_train: str | None
 
 
+def _stop(watcher: subprocess.Popen) -> str:
+    """End nvidia-smi's loop as Ctrl+C does (its output flushed); its output."""
+    watcher.send_signal(signal.SIGINT)
+    try:
+        return watcher.communicate(timeout=10)[0]
+    except subprocess.TimeoutExpired:
+        watcher.kill()
+        return watcher.communicate()[0]
+
+
 def run_cmd(b: Bench, cmd: list[str]) -> tuple[str, float | None]:
     """Run a command to its end; its output and the GPU memory it added at its peak (MiB; None without CUDA)."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -149,15 +160,14 @@ def run_cmd(b: Bench, cmd: list[str]) -> tuple[str, float | None]:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=b.work, env=env)
     finally:
         if watcher is not None:
-            watcher.terminate()
-            readings = [float(x) for x in watcher.communicate()[0].split()]
+            readings = [float(x) for x in _stop(watcher).split() if re.fullmatch(r"\d+(\.\d+)?", x)]
     text = out.stdout + out.stderr
     if out.returncode != 0:
         missing = re.findall(r"ModuleNotFoundError: .*", text)
         if missing:
             raise Skip(f"needs a package that is not installed ({missing[-1]})")
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
-    return text, None if base is None else max(readings, default=base) - base
+    return text, max(readings) - base if base is not None and readings else None
 
 
 def _write_shard(path: Path, items: list[tuple[str, Path, int]]) -> int:
@@ -213,10 +223,12 @@ def stage_cli(b: Bench, run_dir: Path, *overrides: str) -> tuple[dict, float | N
     return json.loads((step / "summary.json").read_text()), peak
 
 
-def steady(a: tuple[float, float], b: tuple[float, float]) -> float:
-    """images/s between two runs given as (images, seconds): the second run's extra work over its extra time."""
+def steady(a: tuple[float, float], b: tuple[float, float]) -> float | None:
+    """images/s between two runs given as (images, seconds): the longer run's extra images over its extra
+    time. None when it took no longer (noise larger than the work: raise --images / --steps)."""
     if b[1] <= a[1]:
-        raise RuntimeError(f"the longer run took no longer ({a} -> {b}): raise --images / --steps")
+        print(f"the longer run took no longer ({a} -> {b}): no figure from this pair", file=sys.stderr)
+        return None
     return (b[0] - a[0]) / (b[1] - a[1])
 
 
@@ -382,41 +394,46 @@ def _fmt(x: float | None) -> str:
 def table(runs: dict[str, list[dict]], med: dict[str, float], skipped: dict[str, str]) -> str:
     lines = ["| stage | method | images/s (median) | runs | peak GPU MiB |", "|---|---|---:|---|---:|"]
     for key, (stage, method) in ROWS.items():
-        if key in med:
+        if runs.get(key):
             mem = _max([r["peak_mib"] for r in runs[key]])
             src = "" if mem is None else (" (allocated)" if key in ("forward", "step") else " (nvidia-smi)")
-            lines.append(f"| {stage} | {method} | {_fmt(med[key])} | "
+            lines.append(f"| {stage} | {method} | {_fmt(med.get(key))} | "
                          f"{', '.join(_fmt(r['images_per_sec']) for r in runs[key])} | {_fmt(mem)}{src} |")
         elif key in skipped:
             lines.append(f"| {stage} | {method} | skipped: {skipped[key]} | | |")
     return "\n".join(lines)
 
 
+GOALS = [  # (check, numerator row, denominator row or None for images/s, goal)
+    ("labeling: ours gpu decode / timm inference.py", "gpu_decode", "timm_inference", 1.5),
+    ("labeling: ours gpu decode, images/s", "gpu_decode", None, 10_000),
+    ("training: teacher / timm train.py", "teacher", "timm_train", 1.15),
+    ("training: student / timm train.py", "student", "timm_train", 1.15),
+    ("training: teacher / step limit", "teacher", "step", 0.85),
+    ("training: student / step limit", "student", "step", 0.85),
+]
+
+
 def goals(med: dict[str, float]) -> list[dict]:
-    checks = [("labeling: ours gpu decode / timm inference.py", "gpu_decode", "timm_inference", 1.5),
-              ("labeling: ours gpu decode, images/s", "gpu_decode", None, 10_000),
-              ("training: teacher / timm train.py", "teacher", "timm_train", 1.15),
-              ("training: student / timm train.py", "student", "timm_train", 1.15),
-              ("training: teacher / step limit", "teacher", "step", 0.85),
-              ("training: student / step limit", "student", "step", 0.85)]
     out = []
-    for name, num, den, goal in checks:
+    for name, num, den, goal in GOALS:
         value = None
         if num in med and (den is None or den in med):
             value = med[num] / med[den] if den else med[num]
-        out.append({"check": name, "value": value, "goal": goal, "met": None if value is None else value >= goal})
+        out.append({"check": name, "ratio": den is not None, "value": value, "goal": goal,
+                    "met": None if value is None else value >= goal})
     return out
 
 
-def goal_lines(checks: list[dict]) -> list[str]:
+def goal_lines(checks: list[dict], verdicts: bool) -> list[str]:
+    def fmt(x: float, ratio: bool) -> str:
+        return f"{x:.2f}x" if ratio else f"{x:,.0f} images/s"
+
     lines = []
     for c in checks:
-        ratio = c["goal"] < 100
-        value = "n/a (a row is missing)" if c["value"] is None else (
-            f"{c['value']:.2f}x" if ratio else f"{c['value']:,.0f}")
-        goal = f">= {c['goal']}x" if ratio else f">= {c['goal']:,}"
-        verdict = "" if c["met"] is None else ("  met" if c["met"] else "  NOT met")
-        lines.append(f"- {c['check']}: {value} (goal {goal}){verdict}")
+        value = "n/a (a row is missing)" if c["value"] is None else fmt(c["value"], c["ratio"])
+        verdict = "" if c["met"] is None or not verdicts else ("  met" if c["met"] else "  NOT met")
+        lines.append(f"- {c['check']}: {value} (goal >= {fmt(c['goal'], c['ratio'])}){verdict}")
     return lines
 
 
@@ -426,25 +443,25 @@ def environment(device: torch.device) -> dict:
     repo = Path(__file__).resolve().parent.parent
     commit = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "noisystudent": commit,
-            "cpu_cores": os.cpu_count()}
+    cores = len(os.sched_getaffinity(0))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "timm": timm.__version__,
+            "noisystudent": commit, "cpu_cores": cores}
 
 
 # --- main -------------------------------------------------------------------------------------------------
 
 def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--quick", action="store_true", help="smoke sizes: test_efficientnet at 64 px, a few dozen "
                     "images, a few steps")
-    ap.add_argument("--images", type=int, help="JPEGs to label (rounded down to 2 x workers x batch); "
+    ap.add_argument("--images", type=int, help="JPEGs to label (rounded down to a multiple of 2 x workers x batch); "
                     "full: 16384, quick: 64")
     ap.add_argument("--steps", type=int, help="training steps of the longer run (and timm's epoch), and "
                     "timed iterations of the limits; full: 96, quick: 6")
     ap.add_argument("--batch", type=int, help="images per step, labeling and training; full: 256, quick: 8")
-    ap.add_argument("--workers", type=int, help="loader processes of every method; full: the CPU count, quick: 2")
+    ap.add_argument("--workers", type=int, help="loader processes of every method; full: the CPU cores, quick: 2")
     ap.add_argument("--repeats", type=int, default=3, help="runs of every method, interleaved; medians compared")
     ap.add_argument("--skip", nargs="+", choices=ROWS, default=[], help="rows to leave out")
     ap.add_argument("--timm-inference", help="path to timm's inference.py (its row is skipped without it)")
@@ -461,7 +478,7 @@ def setup(args) -> Bench:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --quick for the smoke test")
-    workers = args.workers or (2 if args.quick else os.cpu_count())
+    workers = args.workers or (2 if args.quick else len(os.sched_getaffinity(0)))
     batch, steps = args.batch or p["batch"], args.steps or p["steps"]
     shards = 2 * workers  # labeling: one shard per worker in the shorter run, two in the longer
     images = max(1, (args.images or p["images"]) // (shards * batch)) * shards * batch
@@ -483,7 +500,8 @@ def main():
     b = setup(args)
     env = environment(b.device)
     settings = {k: getattr(b, k) for k in ("model", "img_size", "images", "batch", "steps", "warmup", "workers")}
-    print(f"{env['device']} | torch {env['torch']} | timm {env['timm']} | noisystudent {env['noisystudent']}")
+    print(f"{env['device']}, {env['cpu_cores']} CPU cores | torch {env['torch']} (CUDA {env['cuda']}) | "
+          f"timm {env['timm']} | noisystudent {env['noisystudent']}")
     print(f"settings: {settings}, repeats {args.repeats}, work dir {b.work}", flush=True)
 
     setup_teacher(b.work / "label_run", b.model, b.img_size)  # also timm_ckpt.pth for timm's inference.py
@@ -503,26 +521,34 @@ def main():
     t_loop = time.time()
     for r in range(args.repeats):  # interleaved, so a slow spell of the machine hits every method alike
         for key in list(methods):
+            t0 = time.time()
             try:
-                runs[key].append(methods[key]())
+                runs[key].append({**methods[key](), "wall_s": round(time.time() - t0, 1)})
             except Skip as e:
                 skipped[key] = str(e)
                 del methods[key], runs[key]
-        print(f"repeat {r + 1}: " + json.dumps({k: [round(x["images_per_sec"], 1) for x in v]
-                                                for k, v in runs.items()}), file=sys.stderr, flush=True)
+            except RuntimeError as e:  # the other methods' figures are still worth the time spent on them
+                print(f"{key} failed: {e}", file=sys.stderr)
+                skipped[key] = f"failed ({str(e).splitlines()[0][:100]}...; the whole error is on stderr)"
+                del methods[key], runs[key]
+        print(f"repeat {r + 1} (images/s, seconds the method took): " + json.dumps(
+            {k: [(_fmt(x["images_per_sec"]), x["wall_s"]) for x in v] for k, v in runs.items()}), file=sys.stderr,
+            flush=True)
         per_repeat = (time.time() - t_loop) / (r + 1)
         if r + 1 < args.repeats and time.time() + per_repeat - t_start > args.budget_s:
             print(f"stopping after {r + 1} repeat(s): another would end past --budget-s {args.budget_s:.0f}",
                   file=sys.stderr)
             break
 
-    med = {k: statistics.median(x["images_per_sec"] for x in v) for k, v in runs.items() if v}
+    figures = {k: [x["images_per_sec"] for x in v if x["images_per_sec"] is not None] for k, v in runs.items()}
+    med = {k: statistics.median(v) for k, v in figures.items() if v}
     checks = goals(med)
     print()
     print(table(runs, med, skipped))
     print()
-    print("Goal checks (medians)" + (" - a CPU smoke run: not the GPU's figures" if b.device.type == "cpu" else ""))
-    print("\n".join(goal_lines(checks)))
+    on_gpu = b.device.type == "cuda"
+    print("Goal checks (medians)" + ("" if on_gpu else ", CPU smoke run: its figures say nothing about the goals"))
+    print("\n".join(goal_lines(checks, verdicts=on_gpu)))
     print(f"\n{time.time() - t_start:.0f} s in all")
     if args.out:
         result = {**env, "settings": {**settings, "repeats_done": len(next(iter(runs.values()), []))},

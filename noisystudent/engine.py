@@ -95,6 +95,11 @@ def stop_requested(accelerator, flag: dict, agree: bool) -> bool:
     return bool(accelerator.reduce(t, "sum").item() > 0)
 
 
+def peak_device_memory_mib(device: torch.device) -> float | None:
+    """The most memory torch's allocator held for tensors on a CUDA device in this process (None elsewhere)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def replicas_in_sync(accelerator, model) -> bool:
     """True when every process holds bit-identical weights (DDP keeps them so; a wrong setup does not)."""
     with torch.no_grad():
@@ -239,6 +244,8 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             images_seen += n
             loop_images += n
             if loop_t0 is None:  # images/s counts from the end of the first step: start-up and warm-up excluded
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # once: the clock starts when the first step is done, not queued
                 loop_t0, loop_images = time.time(), 0
             for name, value in {"loss": loss.detach(), **parts}.items():
                 logged[name] = logged[name] + value.detach() if name in logged else value.detach().clone()
@@ -281,6 +288,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         # what precision=auto / channels_last=auto became on this device, and train.compile
         "precision": str(accelerator.mixed_precision), "channels_last": s.channels_last, "compile": s.compile,
         "replicas_in_sync": in_sync,
+        "peak_device_memory_mib": peak_device_memory_mib(device),
         "images_seen": images_seen,
         "images_per_sec": loop_images / max(loop_end - loop_t0, 1e-9) if loop_images else 0.0,
         "train_wall_s": prior_wall + wall,

@@ -105,7 +105,7 @@ def test_probe_catches_a_read_in_every_step(tmp_path):
 
     def reading_loss(logits, b):
         loss, parts = counted(logits, b)
-        float(loss)
+        float(loss.detach())
         return loss, parts
 
     job.loss = reading_loss

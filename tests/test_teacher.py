@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from conftest import FAST, cli, run
 
 from noisystudent.engine import CHECKPOINT, load_checkpoint
 from noisystudent.files import read_json
+from noisystudent.labels import LabelFile
 from noisystudent.models import load_exported_model
 
 
@@ -104,7 +106,8 @@ def test_same_seed_same_run(tmp_path, digits_root):
 def test_gpu_levers_run_on_cpu_and_leave_plain_weights(tmp_path, digits_root, teacher_run):
     """train.compile, precision=bf16 and channels_last=true, set explicitly on a CPU (where auto means off):
     the teacher trains under them, the summary says what ran, and the checkpoint and exported weights
-    are a plain timm model's (no compile wrapper names). auto resolves to no / false on a CPU."""
+    are a plain timm model's (no compile wrapper names). auto resolves to no / false on a CPU.
+    pseudolabel.compile labels as the eager model does."""
     d = tmp_path / "run"
     # the command line: a process of its own (accelerate's precision is fixed once per process)
     cli("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=3", "train.compile=true",
@@ -123,3 +126,14 @@ def test_gpu_levers_run_on_cpu_and_leave_plain_weights(tmp_path, digits_root, te
     default = read_json(teacher_run / "teacher" / "summary.json")
     assert (default["precision"], default["channels_last"], default["compile"]) == ("no", False, False)
     assert default["settings"]["precision"] == "no"
+    # pseudolabel.compile on the same model: the labels of the eager model, within float rounding
+    labels = {}
+    for compiled in ("true", "false"):
+        cli("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, "force=true",
+            f"pseudolabel.compile={compiled}", "data.unlabeled=" + str(digits_root / "unlabeled-000000.tar"),
+            check=True)
+        summary = read_json(d / "round_1" / "pseudolabel" / "summary.json")
+        assert summary["inference"]["compile"] is (compiled == "true")
+        labels[compiled] = LabelFile(d / "round_1/pseudolabel/labels/unlabeled-000000.labels.safetensors")
+    assert labels["true"].keys() == labels["false"].keys()
+    assert np.abs(labels["true"]["confidence"] - labels["false"]["confidence"]).max() < 1e-3

@@ -21,6 +21,7 @@ from ..data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw,
 from ..data.shards import SampleDecoder
 from ..data.streams import ShardBatches, make_loader, rank_shards
 from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm, resize_target
+from ..engine import peak_device_memory_mib
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, read_json, write_json
 from ..inference import prepare
@@ -231,6 +232,7 @@ def work(run: StepRun) -> dict:
     applied["decode"] = {"where": s.decode, **({"decoder": counts.get("decoder", jpeg_decoder()[1]),
                                                  "device_decoded": device_decoded, "cpu_fallback": cpu_fallback}
                                                 if s.decode == "gpu" else {})}
+    applied["peak_device_memory_mib"] = peak_device_memory_mib(accelerator.device)  # the main process's
     accelerator.wait_for_everyone()  # every label file is written
     if not accelerator.is_main_process:
         return {}
