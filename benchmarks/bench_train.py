@@ -134,7 +134,8 @@ def run_stage(work: Path, *overrides) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     stage = next(o.split("=", 1)[1] for o in overrides if o.startswith("stage="))
-    step = work / "run" / ("teacher" if stage == "teacher" else "round_1/student")
+    steps = {"teacher": "teacher", "pseudolabel": "round_1/pseudolabel", "student": "round_1/student"}
+    step = work / "run" / steps[stage]
     return json.loads((step / "summary.json").read_text())
 
 

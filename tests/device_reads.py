@@ -86,8 +86,36 @@ def counted_job(step_dir: Path, settings, counter: dict, steps_per_epoch: int = 
                     loss=loss)
 
 
+@contextlib.contextmanager
+def recording_cuda_syncs(counter: dict):
+    """On CUDA, also record (step, message) for every host-device synchronization torch reports in its
+    sync debug mode, whatever made it (a read, a blocking copy, an explicit synchronize)."""
+    import warnings
+
+    counter.setdefault("syncs", [])
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if "synchroniz" in str(message):
+            counter["syncs"].append((counter["step"], str(message)[:200]))
+        else:
+            shown(message, category, *args, **kwargs)
+
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        try:
+            yield counter
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+
+
 def main() -> None:
-    """Under accelerate launch: fit with reads recorded; each rank writes {"steps": [...], "reads": [...]}."""
+    """fit with reads recorded (and, on CUDA, synchronizations); each rank writes reads-RANK.json with
+    {"step": steps done, "reads": [[step, where], ...], "syncs": [[step, message], ...]}. Launched under
+    accelerate launch on a CPU (gloo), or alone on a GPU."""
     from accelerate import Accelerator
     from hydra import compose, initialize_config_module
 
@@ -95,15 +123,17 @@ def main() -> None:
     from noisystudent.engine import fit
 
     out, steps, log_every = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    cuda = accelerator.device.type == "cuda"
     with initialize_config_module("noisystudent.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"max_steps={steps}", f"train.log_every_steps={log_every}",
                                            "train.ckpt_every_steps=100000", "train.batch_size=4",
-                                           "train.grad_clip=1.0", "channels_last=false", "num_workers=0"])
+                                           "train.grad_clip=1.0", f"channels_last={str(cuda).lower()}",
+                                           "num_workers=0"])
     counter = {"step": 0}
     job = counted_job(out / "step", train_settings(cfg), counter)
     torch.manual_seed(0)
-    with recording_reads(counter):
+    with recording_reads(counter), (recording_cuda_syncs(counter) if cuda else contextlib.nullcontext()):
         fit(accelerator, job)
     (out / f"reads-{accelerator.process_index}.json").write_text(json.dumps(counter))
 

@@ -35,7 +35,6 @@ from .contract import Step, StepRun
 log = logging.getLogger(__name__)
 
 SELECTION = "selection.json"
-DRAFT_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -106,9 +105,9 @@ def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNo
     work while the host writes label files and fetches the next batch."""
     p, cfg, accelerator, paths = run.settings, run.cfg, run.accelerator, run.inputs["paths"]
     device = accelerator.device
-    # PIL draft decoding DCT-scales a JPEG by 1/2, 1/4 or 1/8 while staying above the size asked for: ask
-    # for DRAFT_MARGIN x the resize target, so the bicubic resize after it still filters a real downscale
-    draft = DRAFT_MARGIN * resize_target(resize_crop) if p.jpeg_draft else None
+    # PIL draft decoding DCT-scales a JPEG by 1/2, 1/4 or 1/8 while staying at or above the size asked for:
+    # ask for the resize target (not the crop), so the bicubic resize after it never enlarges the image
+    draft = resize_target(resize_crop) if p.jpeg_draft else None
     cpu_decoder = SampleDecoder(transform, None, labeled=False, draft_size=draft)
     on_device = p.decode == "gpu"
     if on_device:

@@ -1,0 +1,87 @@
+"""What only a CUDA device can show; skipped without one. On a GPU machine: `python -m pytest tests/test_gpu.py`.
+
+The CPU tests prove what they can of the GPU path (no reads of device values between log steps, the
+device decoder run with the CPU as its device); these check the rest on the real thing: torch's own
+sync debug mode finds no host-device synchronization inside a training step, nvJPEG decodes as the
+CPU does, and the auto settings become bf16 / channels_last / gpu decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, cli
+
+from noisystudent.files import read_json
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_training_step_never_synchronizes_with_the_host(tmp_path):
+    """A process of its own (accelerate's device is fixed once per process): fit on the GPU for 12 steps,
+    logging every 5, with torch's sync debug mode on. Allowed: set-up and the end (step 0 and 12), the
+    log steps (5, 10), and the one synchronize after step 1 that starts the images/s clock."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "device_reads.py"), str(tmp_path), "12", "5"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counter = json.loads((tmp_path / "reads-0.json").read_text())
+    assert counter["step"] == 12
+    allowed = {0, 1, 5, 10, 12}
+    assert [s for s in counter["syncs"] if s[0] not in allowed] == []
+    assert [r for r in counter["reads"] if r[0] not in allowed - {1}] == []
+    assert {s[0] for s in counter["syncs"]} & {5, 10}  # the debug mode does report the log steps' reads
+
+
+def test_nvjpeg_decodes_as_the_cpu_does():
+    import io
+
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from noisystudent.data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw
+    from noisystudent.data.shards import SampleDecoder
+    from noisystudent.data.transforms import eval_resize_crop, eval_transform
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(24):
+        low = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((int(rng.integers(200, 640)), int(rng.integers(150, 480))), Image.BICUBIC)
+        if i % 6 == 5:
+            img = img.convert("L")
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90, progressive=i % 4 == 3)
+        data = buf.getvalue()
+        samples.append({"__key__": f"k{i}", "jpg": data[: len(data) // 2] if i == 7 else data})
+    data_cfg = OmegaConf.create({"crop_pct": 0.875})
+    transform = eval_transform(224, data_cfg)
+    batch = collate_raw([RawJpegDecoder(SampleDecoder(transform, None, labeled=False))(dict(s)) for s in samples])
+    outputs = {}
+    for device in ("cuda", "cpu"):
+        decoder = DeviceJpegDecoder(torch.device(device), eval_resize_crop(224, data_cfg), transform)
+        images, keys, corrupt = decoder(batch)
+        outputs[device] = (images.cpu(), keys, corrupt, decoder.counts)
+    (gpu, gkeys, gbad, gcounts), (cpu, ckeys, cbad, _) = outputs["cuda"], outputs["cpu"]
+    assert gkeys == ckeys and gbad == cbad == ["k7"]
+    assert gcounts["device_decoded"] == 23 and gcounts["cpu_fallback"] == 0
+    assert (gpu.float() - cpu.float()).abs().mean() < 2.0  # nvJPEG's IDCT and upsampling vs libjpeg's
+
+
+def test_auto_settings_on_cuda(tmp_path, digits_root):
+    d = tmp_path / "run"
+    cli("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=3", check=True)
+    s = read_json(d / "teacher" / "summary.json")
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert (s["precision"], s["channels_last"]) == ("bf16" if bf16 else "no", True)
+    assert s["peak_device_memory_mib"] > 0
+    cli("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, check=True)
+    p = read_json(d / "round_1" / "pseudolabel" / "summary.json")
+    # the digits are PNGs: on the gpu path, every one is decoded by the workers and counted as such
+    assert p["inference"]["decode"]["where"] == "gpu" and p["inference"]["decode"]["cpu_fallback"] == p["images_seen"]
