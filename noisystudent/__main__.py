@@ -24,6 +24,7 @@ _MODULES = {
     "student": "student",
     "evaluate": "evaluate",
     "iterate": "iterate",
+    "export": "export",
     "import": "importer",
 }
 

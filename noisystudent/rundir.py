@@ -5,6 +5,8 @@ Layout (everything under run_dir, no timestamps, so stages find each other by co
     round_K/pseudolabel/        labels/<shard>.labels.safetensors, selection.json, selection.png,
                                 summary.json, _SUCCESS
     round_K/student/            like teacher/
+    export/                     model.safetensors, config.json (a timm model folder), model.onnx,
+                                README.md (model card), summary.json, _SUCCESS
     report.json, report.md, accuracy.png
 """
 

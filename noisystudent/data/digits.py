@@ -7,6 +7,7 @@ fully supervised model, which is the gap the students should close."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def materialize(cfg_data) -> Path:
                     yield sample
 
             counts[name] = write_shard(root / name, samples())
+    # class names beside the labeled shards, where stage=import writes them (export puts them in config.json)
+    atomic_write_bytes(root / "classes.json", json.dumps([str(c) for c in range(10)]).encode())
     update_manifest(root, counts, source="sklearn.datasets.load_digits",
                     split={k: int(len(v)) for k, v in parts.items()})
     atomic_write_bytes(root / DONE, b"")

@@ -1,0 +1,228 @@
+"""stage=export: the final model (or export.round=K) out of the run, for use without this project.
+
+run_dir/export/ holds:
+- model.safetensors + config.json: a timm model folder. `timm.create_model("local-dir:run_dir/export",
+  pretrained=True)` builds it with its classes, mean/std, input size and crop_pct, no code of ours;
+- model.onnx (export.onnx=true; needs onnx + onnxscript): the model with every BatchNorm folded into the
+  convolution before it
+  (checked: the folded model's outputs match within 1e-5, or the export is refused), dynamic batch,
+  opset export.opset, checked against PyTorch with onnxruntime when it is installed;
+- README.md: a model card (data, recipe, rounds, accuracy, how to load);
+- summary.json + _SUCCESS, as every step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ..config import read_settings
+from ..errors import ConfigError, DataError, MissingInputError
+from ..files import atomic_write, atomic_write_bytes, read_json
+from ..inference import fuse_batchnorm, relative_diff
+from ..models import MODEL_WEIGHTS, eval_img_size, load_exported_model
+from ..report import markdown_table
+from ..rundir import SUMMARY, command_for_round, finished_models, read_summary
+from .contract import Step, StepRun
+
+log = logging.getLogger(__name__)
+
+FOLD_RTOL = 1e-5  # how far folding BatchNorm may move the outputs (relative to their largest magnitude)
+ONNX_ATOL = 1e-4  # how far onnxruntime's logits may be from PyTorch's
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    round: int | None  # None: the last finished model
+    onnx: bool
+    opset: int
+
+
+def settings(cfg: DictConfig) -> ExportSettings:
+    e = cfg.export
+    if e.round is not None and (not isinstance(e.round, int) or isinstance(e.round, bool) or e.round < 0):
+        raise ConfigError(f"export.round={e.round!r}: use null (the last finished model), 0 (the teacher) or a round K")
+    if not isinstance(e.opset, int) or not 13 <= e.opset <= 23:
+        raise ConfigError(f"export.opset={e.opset!r}: use an ONNX opset from 13 to 23 (e.g. 18)")
+    return ExportSettings(e.round, bool(e.onnx), int(e.opset))
+
+
+def _chosen(cfg: DictConfig, s: ExportSettings) -> tuple[int, str, Path]:
+    models = finished_models(cfg.run_dir)
+    if not models:
+        raise MissingInputError(f"no finished model in {cfg.run_dir}: train one first "
+                                f"(`{command_for_round(cfg.run_dir, 0)}`, or stage=iterate)")
+    if s.round is None:
+        return models[-1]
+    for m in models:
+        if m[0] == s.round:
+            return m
+    raise MissingInputError(f"export.round={s.round}: no finished model for that round in {cfg.run_dir} "
+                            f"(finished: {', '.join(str(m[0]) for m in models)}); make it with "
+                            f"`{command_for_round(cfg.run_dir, s.round)}`")
+
+
+def reads(cfg: DictConfig) -> dict:
+    out = read_settings(cfg, ("export.onnx", "export.opset", "data.crop_pct"))
+    models = finished_models(cfg.run_dir)
+    if models:  # which model, and the settings hash of the step that made it: a retrained model is another export
+        r = cfg.export.round
+        chosen = models[-1] if r is None else next((m for m in models if m[0] == r), None)
+        if chosen is not None:
+            out["model (resolved)"] = {"round": chosen[0], "path": str(chosen[2]),
+                                       "config_hash": read_summary(chosen[2]).get("config_hash")}
+    return out
+
+
+def class_names(cfg: DictConfig, num_classes: int) -> list[str] | None:
+    """Names from classes.json beside the labeled shards (written by stage=import), if there is one."""
+    labeled = cfg.data.get("labeled")
+    first = str(labeled if isinstance(labeled, str) else list(labeled)[0]) if labeled else ""
+    if not first or "://" in first or first.startswith("pipe:"):
+        return None
+    path = Path(first.split("{")[0]).parent / "classes.json"
+    if not path.exists():
+        return None
+    names = json.loads(path.read_text())
+    names = list(names) if isinstance(names, list) else [k for k, _ in sorted(names.items(), key=lambda kv: kv[1])]
+    return names if len(names) == num_classes else None
+
+
+def inputs(cfg: DictConfig, s: ExportSettings) -> dict:
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None] if s.onnx else []
+    if missing:
+        raise ConfigError(f"export.onnx=true needs {' and '.join(missing)}: pip install 'noisystudent[export]' "
+                          "(onnx, onnxscript, onnxruntime), or set export.onnx=false to export the timm folder alone")
+    round_idx, role, step_dir = _chosen(cfg, s)
+    model, info = load_exported_model(step_dir, command_for_round(cfg.run_dir, round_idx))
+    return {"round": round_idx, "role": role, "step_dir": step_dir, "model": model, "info": info,
+            "summary": read_summary(step_dir), "names": class_names(cfg, int(info["num_classes"]))}
+
+
+def timm_config(model: torch.nn.Module, info: dict, crop_pct: float, names: list[str] | None) -> dict:
+    """The config.json timm reads from a model folder (local-dir: or a Hub repo)."""
+    from timm.data import resolve_data_config
+
+    size = eval_img_size(info)
+    data = resolve_data_config({}, model=model)
+    cfg = {"architecture": info["name"], "num_classes": int(info["num_classes"]),
+           "num_features": int(getattr(model, "num_features", 0)) or None,
+           "pretrained_cfg": {"input_size": [3, size, size], "interpolation": "bicubic", "mean": list(data["mean"]),
+                              "std": list(data["std"]), "crop_pct": float(crop_pct), "crop_mode": "center",
+                              "num_classes": int(info["num_classes"])}}
+    if names:
+        cfg["label_names"] = names
+    return cfg
+
+
+def export_onnx(fused: torch.nn.Module, path: Path, example: torch.Tensor, opset: int) -> None:
+    """The folded model to ONNX with a dynamic batch dimension, through torch.export (torch's exporter since
+    2.9; the TorchScript one is deprecated), written whole or not at all."""
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.onnx.export(fused, (example,), input_names=["images"], output_names=["logits"],
+                                    opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+    with atomic_write(path) as f:
+        program.save(f)
+
+
+def check_onnx(path: Path, reference: torch.nn.Module, batch: torch.Tensor) -> float | None:
+    """max |onnxruntime - PyTorch (unfolded)| on `batch`; None when onnxruntime is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        log.warning("onnxruntime is not installed: %s is written but not checked (pip install onnxruntime)", path)
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": batch.numpy()})
+    with torch.no_grad():
+        expected = reference(batch).numpy()
+    return float(abs(logits - expected).max())
+
+
+def model_card(cfg: DictConfig, inp: dict, run_out: Path, files: list[str], fold: dict, onnx_diff) -> str:
+    info, summary = inp["info"], inp["summary"]
+    size = eval_img_size(info)
+    report = Path(cfg.run_dir) / "report.json"
+    rows = read_json(report)["rounds"] if report.exists() else []
+    lines = [
+        f"# {info['name']}: noisystudent round {inp['round']} ({inp['role']})", "",
+        "Trained with noisystudent (Noisy Student self-training: a teacher labels unlabeled images, an "
+        "equal-or-larger student learns from them under noise, round after round).", "",
+        "## Data", "",
+        f"- labeled: `{cfg.data.get('labeled')}`", f"- unlabeled: `{cfg.data.get('unlabeled')}`",
+        f"- evaluated on: `{cfg.data.get('eval')}`", f"- classes: {info['num_classes']}"
+        + (f" ({', '.join(inp['names'][:10])}{', ...' if len(inp['names']) > 10 else ''})" if inp["names"] else ""),
+        "", "## Recipe", "",
+        f"- model: `{info['name']}`, {summary['model']['params']:,} parameters, trained at {info['img_size']} px, "
+        f"evaluated at {size} px (crop_pct {cfg.data.get('crop_pct', 0.875)})",
+        f"- noise: {json.dumps(summary.get('noise'))}" if summary.get("noise") else "- the teacher (round 0)",
+        f"- steps: {summary.get('steps')}, global batch {summary.get('global_batch')}, "
+        f"precision {summary.get('precision', '?')}",
+        f"- accuracy on the eval set: top-1 {100 * summary['top1']:.2f}%, top-5 {100 * summary['top5']:.2f}% "
+        f"({summary['eval']['images']} images)", "",
+    ]
+    if rows:
+        lines += ["## Rounds", "", *markdown_table(rows).splitlines()[2:-2], ""]
+    lines += [
+        "## Files", "",
+        *[f"- `{f}`" for f in files],
+        f"- BatchNorm folded into {fold['layers']} convolutions for ONNX (outputs moved by {fold['rel_diff']:.1e}, "
+        f"relative)" + (f"; onnxruntime vs PyTorch: max |diff| {onnx_diff:.1e}" if onnx_diff is not None else ""), "",
+        "## Load it", "",
+        "```python",
+        "import timm",
+        f'model = timm.create_model("local-dir:{run_out}", pretrained=True).eval()  # this folder',
+        "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
+        "```", "",
+    ]
+    if "model.onnx" in files:
+        lines += ["```python", "import onnxruntime",
+                  'session = onnxruntime.InferenceSession("model.onnx")',
+                  'logits = session.run(None, {"images": batch})[0]  # batch: float32 (N, 3, H, W), normalized',
+                  "```", ""]
+    return "\n".join(lines)
+
+
+def work(run: StepRun) -> dict:
+    cfg, s, inp, accelerator = run.cfg, run.settings, run.inputs, run.accelerator
+    if not accelerator.is_main_process:  # one process writes; the others wait at the contract's barrier
+        return {}
+    model, info = inp["model"].eval(), inp["info"]
+    size = eval_img_size(info)
+    example = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    fused, n_folded = fuse_batchnorm(model)
+    rel = relative_diff(model, fused, example)
+    if rel > FOLD_RTOL:
+        raise DataError(f"folding BatchNorm into the convolutions of {inp['step_dir']} moved its outputs by {rel:.2e} "
+                        f"(relative; allowed {FOLD_RTOL:.0e}): refusing to export a model that differs from the "
+                        "trained one; export.onnx=false exports the timm folder alone")
+    out = run.out
+    files = [MODEL_WEIGHTS, "config.json", "README.md"]
+    atomic_write_bytes(out / MODEL_WEIGHTS, (inp["step_dir"] / MODEL_WEIGHTS).read_bytes())  # plain timm names
+    config = timm_config(model, info, float(cfg.data.get("crop_pct", 0.875)), inp["names"])
+    atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
+    onnx_diff = None
+    if s.onnx:
+        export_onnx(fused, out / "model.onnx", example, s.opset)
+        onnx_diff = check_onnx(out / "model.onnx", model, torch.randn(3, 3, size, size))  # another batch size
+        if onnx_diff is not None and onnx_diff > ONNX_ATOL:
+            raise DataError(f"{out / 'model.onnx'}: onnxruntime's logits differ from PyTorch's by {onnx_diff:.2e} "
+                            f"(allowed {ONNX_ATOL:.0e}); try another export.opset")
+        files.insert(2, "model.onnx")
+    fold = {"layers": n_folded, "rel_diff": rel}
+    atomic_write_bytes(out / "README.md", model_card(cfg, inp, out, files, fold, onnx_diff).encode())
+    log.info("exported round %d (%s) to %s: %s", inp["round"], info["name"], out, ", ".join(files))
+    return {"round": inp["round"], "role": inp["role"], "source": str(inp["step_dir"]), "model": info,
+            "files": files, "batchnorm_folded": n_folded, "fold_rel_diff": rel,
+            "onnx_opset": s.opset if s.onnx else None, "onnx_max_abs_diff": onnx_diff,
+            "label_names": bool(inp["names"]), "top1": inp["summary"]["top1"]}
+
+
+STEP = Step("export", settings, reads, inputs, work, out_dir=lambda cfg: Path(cfg.run_dir) / "export",
+            outputs=(MODEL_WEIGHTS, "config.json", "model.onnx", "README.md", SUMMARY))
