@@ -197,20 +197,44 @@ def mixed_batches(labeled: BatchStream, pseudo_labeled: BatchStream, pin_memory:
     return make
 
 
+def read_tar(url: str) -> Iterator[dict]:
+    """The samples of one webdataset shard, in order."""
+    return wds.tarfile_samples([{"url": url}])
+
+
+class ImageFiles:
+    """Image files read as if they were shards: `chunks` maps a source name to its files; each file is a
+    sample keyed by its path relative to `root` (for labeling a directory with ShardBatches)."""
+
+    def __init__(self, root: str, chunks: dict[str, list[str]]):
+        self.root, self.chunks = root, chunks
+
+    def __call__(self, source: str) -> Iterator[dict]:
+        for path in self.chunks[source]:
+            ext = os.path.splitext(path)[1][1:].lower()
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:  # unreadable: no bytes, so it counts as a corrupt image of its own
+                data = b""
+            yield {"__key__": os.path.relpath(path, self.root), "__url__": source, ext: data}
+
+
 class ShardBatches(IterableDataset):
     """Labeling: batches that never cross a shard. Each worker reads whole shards; a shard's last batch
     has last=True, and a shard that cannot be read yields one batch with its error instead."""
 
     def __init__(self, urls: list[str], decoder: Callable[[dict], dict], batch_size: int,
-                 collate: Callable[[list[dict]], dict] = collate_counting):
+                 collate: Callable[[list[dict]], dict] = collate_counting, read: Callable | None = None):
         self.urls, self.decoder, self.batch_size, self.collate = urls, decoder, batch_size, collate
+        self.read = read or read_tar
 
     def __iter__(self):
         info = get_worker_info()
         mine = self.urls[info.id::info.num_workers] if info else self.urls
         for url in mine:
             pending: list[dict] = []
-            samples = wds.tarfile_samples([{"url": url}])
+            samples = self.read(url)
             while True:
                 try:  # only reading the shard is guarded: decoding guards itself, a transform bug propagates
                     sample = next(samples)

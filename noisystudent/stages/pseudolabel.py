@@ -17,15 +17,15 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import DATA_SPLIT_KEYS, positive_int, read_settings, round_number, worker_nice
-from ..data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw, jpeg_decoder
-from ..data.shards import SampleDecoder
-from ..data.streams import ShardBatches, make_loader, rank_shards
-from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm, resize_target
+from ..data.device_decode import jpeg_decoder
+from ..data.streams import rank_shards
+from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm
 from ..engine import peak_device_memory_mib
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, read_json, write_json
 from ..inference import prepare
-from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, topk_arrays, topk_on_device, write_label_file
+from ..labeling import Decoding, run_model
+from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, write_label_file
 from ..models import check_num_classes, eval_img_size, load_exported_model
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
 from ..selection import HIST_BINS, class_statistics, select
@@ -96,81 +96,31 @@ def error_path(label_path: Path) -> Path:
     return label_path.with_name(label_path.name.replace(SUFFIX, ERROR_SUFFIX))
 
 
-def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNormalizer, img_size: int,
-                 todo: list[str]) -> dict:
-    """Label the shards in `todo` (this process's share); returns this process's counts.
-
-    The host never waits for the device within a batch: each batch's top-k stays on the device until the
-    next batch has been queued behind it, and is read then (one batch late), so the device always has
-    work while the host writes label files and fetches the next batch."""
+def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNormalizer, todo: list[str]) -> dict:
+    """Label the shards in `todo` (this process's share), one label file per shard; this process's counts."""
     p, cfg, accelerator, paths = run.settings, run.cfg, run.accelerator, run.inputs["paths"]
-    device = accelerator.device
-    # PIL draft decoding DCT-scales a JPEG by 1/2, 1/4 or 1/8 while staying at or above the size asked for:
-    # ask for the resize target (not the crop), so the bicubic resize after it never enlarges the image
-    draft = resize_target(resize_crop) if p.jpeg_draft else None
-    cpu_decoder = SampleDecoder(transform, None, labeled=False, draft_size=draft)
-    on_device = p.decode == "gpu"
-    if on_device:
-        device_decoder = DeviceJpegDecoder(device, resize_crop, transform, cpu_decoder.draft_size)
-        batches = ShardBatches(todo, RawJpegDecoder(cpu_decoder), p.batch_size, collate_raw)
-    else:
-        batches = ShardBatches(todo, cpu_decoder, p.batch_size)
-    loader = make_loader(batches, int(cfg.num_workers), len(todo), worker_nice(cfg, device),
-                         pin_memory=device.type == "cuda")
+    how = Decoding(p.decode, p.jpeg_draft, p.batch_size, int(cfg.num_workers), worker_nice(cfg, accelerator.device))
     meta = {"num_classes": p.num_classes, "topk": p.topk, "temperature": p.temperature, "hard": p.hard}
-    parts: dict[str, list] = {}
-    corrupt: dict[str, list[str]] = {}
     stats = {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
-
-    def finish(url: str, keys: list[str], last: bool, topk) -> None:
-        """Host side of a batch: its top-k read from the device; a shard's file written after its last batch."""
-        if keys:
-            parts.setdefault(url, []).append((keys, *topk_arrays(*topk)))
-        if last:
-            chunks = parts.pop(url, [])
-            keys = [k for c in chunks for k in c[0]]
-            cat = [np.concatenate([c[i] for c in chunks]) if chunks else None for i in range(1, 5)]
-            bad = corrupt.pop(url, [])
-            write_label_file(paths[url], url, keys, *cat, bad, meta)
-            stats["images"] += len(keys)
-            stats["corrupt"] += len(bad)
-            stats["shards_done"] += 1
-
-    pending = None  # the previous batch: (url, keys, last, top-k on the device)
-    with torch.inference_mode():
-        for batch in loader:
-            url = batch["shard"]
-            if "error" in batch:
-                if pending:
-                    finish(*pending)
-                    pending = None
-                parts.pop(url, None)
-                corrupt.pop(url, None)
-                if p.strict_shards:
-                    raise DataError(f"shard {url} cannot be read ({batch['error']}); pseudolabel.strict_shards=true "
-                                    "makes this fatal: fix or drop the shard")
-                log.warning("shard %s cannot be read (%s): skipped", url, batch["error"])
-                stats["unreadable"][url] = batch["error"]
-                write_json(error_path(paths[url]), {"shard": url, "error": batch["error"]})
-                continue
-            corrupt.setdefault(url, []).extend(batch["corrupt_keys"])
-            if on_device:
-                images, keys, found_corrupt = device_decoder(batch)
-                corrupt[url].extend(found_corrupt)
-            else:
-                images, keys = batch["images"].to(device, non_blocking=True), batch["keys"]
-            topk = None
-            if images.numel():
-                with accelerator.autocast():
-                    logits = model(normalize(images))
-                topk = topk_on_device(torch.softmax(logits.float() / p.temperature, dim=1), p.topk)
-            if pending:
-                finish(*pending)
-            pending = (url, keys if topk is not None else [], batch["last"], topk)
-        if pending:
-            finish(*pending)
-    if on_device:
-        stats["decode"] = {**device_decoder.counts, "decoder": device_decoder.backend}
+    counts: dict = {}
+    for done in run_model(accelerator, model, normalize, todo, transform, resize_crop, how, p.topk, p.temperature,
+                          counts=counts):
+        url = done["source"]
+        if "error" in done:
+            if p.strict_shards:
+                raise DataError(f"shard {url} cannot be read ({done['error']}); pseudolabel.strict_shards=true "
+                                "makes this fatal: fix or drop the shard")
+            log.warning("shard %s cannot be read (%s): skipped", url, done["error"])
+            stats["unreadable"][url] = done["error"]
+            write_json(error_path(paths[url]), {"shard": url, "error": done["error"]})
+            continue
+        write_label_file(paths[url], url, done["keys"], done["topk_ids"], done["topk_probs"], done["confidence"],
+                         done["argmax"], done["corrupt"], meta)
+        stats["images"] += len(done["keys"])
+        stats["corrupt"] += len(done["corrupt"])
+        stats["shards_done"] += 1
+    if counts:
+        stats["decode"] = counts
     return stats
 
 
@@ -219,7 +169,7 @@ def work(run: StepRun) -> dict:
     model, applied = prepare(model, example, s.fuse_bn, bool(cfg.channels_last), s.compile)
     model = model.to(accelerator.device)
     t0 = time.time()
-    stats = label_shards(run, model, transform, eval_resize_crop(img_size, cfg.data), normalize, img_size,
+    stats = label_shards(run, model, transform, eval_resize_crop(img_size, cfg.data), normalize,
                          todo) if todo else {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
     wall = time.time() - t0
     counts = stats.get("decode", {})

@@ -1,0 +1,95 @@
+"""Running a model over many images, source by source (a shard, or a chunk of an image directory): what
+stage=pseudolabel and stage=predict share.
+
+Decoding and batching are the labeling ones: PIL in the loader workers (pseudolabel.decode=cpu, JPEG
+draft decoding optional), or raw JPEG bytes decoded on the device (decode=gpu, data/device_decode.py);
+batches never cross a source, so each source's results are complete when its last batch is read. The
+host never waits for the device within a batch: a batch's top-k stays on the device until the next
+batch is queued behind it, and is read then (one batch late)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw
+from .data.shards import SampleDecoder
+from .data.streams import ShardBatches, make_loader, read_tar
+from .data.transforms import InputNormalizer, resize_target
+from .labels import topk_arrays, topk_on_device
+
+
+@dataclass(frozen=True)
+class Decoding:
+    decode: str  # cpu | gpu
+    jpeg_draft: bool
+    batch_size: int
+    num_workers: int
+    nice: int
+
+
+def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str], transform, resize_crop,
+              how: Decoding, topk: int, temperature: float = 1.0, read: Callable = read_tar,
+              counts: dict | None = None) -> Iterator[dict]:
+    """Yield, source by source, {"source", "keys", "corrupt", "topk_ids", "topk_probs", "confidence",
+    "argmax"} (the arrays as label files store them), or {"source", "error"} for a source that cannot be
+    read. `counts` receives the device decoder's counts (decode=gpu)."""
+    device = accelerator.device
+    # PIL draft decoding DCT-scales a JPEG by 1/2, 1/4 or 1/8 while staying at or above the size asked for:
+    # ask for the resize target (not the crop), so the bicubic resize after it never enlarges the image
+    draft = resize_target(resize_crop) if how.jpeg_draft else None
+    cpu_decoder = SampleDecoder(transform, None, labeled=False, draft_size=draft)
+    device_decoder = None
+    if how.decode == "gpu":
+        device_decoder = DeviceJpegDecoder(device, resize_crop, transform, draft)
+        batches = ShardBatches(sources, RawJpegDecoder(cpu_decoder), how.batch_size, collate_raw, read)
+    else:
+        batches = ShardBatches(sources, cpu_decoder, how.batch_size, read=read)
+    loader = make_loader(batches, how.num_workers, len(sources), how.nice, pin_memory=device.type == "cuda")
+    parts: dict[str, list] = {}
+    corrupt: dict[str, list[str]] = {}
+
+    def finish(source: str, keys: list[str], last: bool, top) -> dict | None:
+        """Host side of a batch: its top-k read from the device; a source's results once its last batch is in."""
+        if keys:
+            parts.setdefault(source, []).append((keys, *topk_arrays(*top)))
+        if not last:
+            return None
+        chunks = parts.pop(source, [])
+        arrays = [np.concatenate([c[i] for c in chunks]) if chunks else None for i in range(1, 5)]
+        return {"source": source, "keys": [k for c in chunks for k in c[0]], "corrupt": corrupt.pop(source, []),
+                **dict(zip(("topk_ids", "topk_probs", "confidence", "argmax"), arrays, strict=True))}
+
+    pending = None  # the previous batch: (source, keys, last, top-k on the device)
+    with torch.inference_mode():
+        for batch in loader:
+            source = batch["shard"]
+            if "error" in batch:
+                if pending and (done := finish(*pending)):
+                    yield done
+                pending = None
+                parts.pop(source, None)
+                corrupt.pop(source, None)
+                yield {"source": source, "error": batch["error"]}
+                continue
+            corrupt.setdefault(source, []).extend(batch["corrupt_keys"])
+            if device_decoder is not None:
+                images, keys, found_corrupt = device_decoder(batch)
+                corrupt[source].extend(found_corrupt)
+            else:
+                images, keys = batch["images"].to(device, non_blocking=True), batch["keys"]
+            top = None
+            if images.numel():
+                with accelerator.autocast():
+                    logits = model(normalize(images))
+                top = topk_on_device(torch.softmax(logits.float() / temperature, dim=1), topk)
+            if pending and (done := finish(*pending)):
+                yield done
+            pending = (source, keys if top is not None else [], batch["last"], top)
+        if pending and (done := finish(*pending)):
+            yield done
+    if counts is not None and device_decoder is not None:
+        counts.update(device_decoder.counts, decoder=device_decoder.backend)
