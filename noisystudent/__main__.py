@@ -25,6 +25,7 @@ _MODULES = {
     "evaluate": "evaluate",
     "iterate": "iterate",
     "export": "export",
+    "predict": "predict",
     "import": "importer",
 }
 
