@@ -103,7 +103,7 @@ def resolve_precision(value, cuda: bool, bf16_ok: bool) -> str:
 
 def resolve_channels_last(value, device_type: str) -> bool:
     """`channels_last`: auto = on for CUDA (tensor-core convolutions want NHWC), off elsewhere."""
-    if value not in ("auto", True, False):
+    if value != "auto" and not isinstance(value, bool):
         raise ConfigError(f"channels_last={value!r}: use auto (on for a CUDA device), true or false")
     return device_type == "cuda" if value == "auto" else value
 

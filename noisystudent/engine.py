@@ -273,6 +273,11 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         bar.close()
         batches.close()
         del batches  # shuts the loader workers down now, not at interpreter exit
+    # a SIGTERM after the last agreement (in the final checkpoint's write) still stops the step here, before
+    # evaluation and export: the checkpoint holds every step, so the rerun goes straight to them
+    if stop_requested(accelerator, stop_flag, agree=True):
+        raise Preempted(f"stopped by SIGTERM after the last step ({step}); checkpoint saved to {ckpt_path}: rerun "
+                        "the same command to evaluate and export (resume=auto)")
     loop_end = time.time()
     wall = loop_end - t0
     in_sync = replicas_in_sync(accelerator, bare)

@@ -9,17 +9,20 @@ batch is queued behind it, and is read then (one batch late)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw
+from .data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw, jpeg_decoder
 from .data.shards import SampleDecoder
 from .data.streams import ShardBatches, make_loader, read_tar
 from .data.transforms import InputNormalizer, resize_target
 from .labels import topk_arrays, topk_on_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,14 @@ def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str]
     draft = resize_target(resize_crop) if how.jpeg_draft else None
     cpu_decoder = SampleDecoder(transform, None, labeled=False, draft_size=draft)
     device_decoder = None
-    if how.decode == "gpu":
-        device_decoder = DeviceJpegDecoder(device, resize_crop, transform, draft)
+    found = jpeg_decoder(device) if how.decode == "gpu" else None
+    if how.decode == "gpu" and found is None:
+        log.warning("decode=gpu: neither torchcodec's nor torchvision's JPEG decoder runs on %s (no nvJPEG in this "
+                    "build?): the loader workers decode every image instead", device)
+        if counts is not None:
+            counts["decoder"] = "none: decoded by the CPU path"
+    if found is not None:
+        device_decoder = DeviceJpegDecoder(device, resize_crop, transform, draft, found)
         batches = ShardBatches(sources, RawJpegDecoder(cpu_decoder), how.batch_size, collate_raw, read)
     else:
         batches = ShardBatches(sources, cpu_decoder, how.batch_size, read=read)

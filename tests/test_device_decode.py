@@ -171,3 +171,17 @@ def test_refused_images_fall_back_to_the_cpu_one_by_one(jpeg_shards):
     same = [i for i in range(32) if i not in (3, 19)]
     assert torch.equal(images[same], plain[same])
     assert (images[[3, 19]].float() - plain[[3, 19]].float()).abs().mean() < 3.0
+
+
+def test_no_decoder_on_the_device_falls_back_to_the_cpu_path(teacher_copy, digits_root, jpeg_shards, monkeypatch,
+                                                             caplog):
+    """decode=gpu where no JPEG decoder runs on the device: a warning, and the workers decode everything."""
+    from noisystudent import labeling
+
+    monkeypatch.setattr(labeling, "jpeg_decoder", lambda device: None)
+    s = run("stage=pseudolabel", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST,
+            f"data.unlabeled='{jpeg_shards}/u-000000.tar'", "pseudolabel.decode=gpu")
+    assert s["inference"]["decode"]["decoder"] == "none: decoded by the CPU path"
+    assert s["inference"]["decode"]["device_decoded"] == 0
+    assert s["images_seen"] == 160 - sum(_kind(i) == "corrupt" for i in range(160))
+    assert "no nvJPEG" in caplog.text

@@ -57,13 +57,24 @@ def torchvision_decoder() -> Callable:
     return decode
 
 
-def jpeg_decoder() -> tuple[Callable, str]:
-    """(decode(list of CPU uint8 tensors, device) -> list of (3, H, W) uint8 RGB tensors, its name):
-    torchcodec's when installed, else torchvision's (the same call)."""
-    try:
-        return torchcodec_decoder(), "torchcodec"
-    except ImportError:
-        return torchvision_decoder(), "torchvision"
+def _tiny_jpeg() -> torch.Tensor:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="JPEG")
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def jpeg_decoder(device) -> tuple[Callable, str] | None:
+    """(decode(list of CPU uint8 tensors, device) -> list of (3, H, W) uint8 RGB tensors, its name): torchcodec's
+    when it is installed and decodes on `device`, else torchvision's (the same call); None when neither
+    does (a build without nvJPEG, a device that is not NVIDIA's): each is tried on a small JPEG first."""
+    for name, make in (("torchcodec", torchcodec_decoder), ("torchvision", torchvision_decoder)):
+        try:
+            decode = make()
+            decode([_tiny_jpeg()], device)
+        except Exception:  # noqa: BLE001 - not installed, or not able to decode there: try the next
+            continue
+        return decode, name
+    return None
 
 
 class RawJpegDecoder:
@@ -114,10 +125,13 @@ class DeviceJpegDecoder:
     path's transform, for the images the device decoder refuses."""
 
     def __init__(self, device: torch.device, resize_crop: Callable, cpu_transform: Callable,
-                 draft_size: int | None = None):
+                 draft_size: int | None = None, decoder: tuple[Callable, str] | None = None):
         self.device, self.resize_crop, self.cpu_transform = torch.device(device), resize_crop, cpu_transform
         self.draft_size = draft_size
-        self.decode, self.backend = jpeg_decoder()
+        decoder = decoder or jpeg_decoder(self.device)
+        if decoder is None:
+            raise RuntimeError(f"no JPEG decoder runs on {self.device} (torchcodec, torchvision)")
+        self.decode, self.backend = decoder
         self.counts = {"device_decoded": 0, "cpu_fallback": 0, "corrupt": 0}
 
     def _device_decode(self, data: list[torch.Tensor], first: int) -> dict[int, torch.Tensor | None]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from omegaconf import DictConfig
 
 from ..config import read_settings
 from ..errors import ConfigError, DataError, MissingInputError
-from ..files import atomic_write, atomic_write_bytes, read_json
+from ..files import atomic_write_bytes, read_json
 from ..inference import fuse_batchnorm, relative_diff
 from ..models import MODEL_WEIGHTS, eval_img_size, load_exported_model
 from ..report import markdown_table
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FOLD_RTOL = 1e-5  # how far folding BatchNorm may move the outputs (relative to their largest magnitude)
 ONNX_ATOL = 1e-4  # how far onnxruntime's logits may be from PyTorch's
+ONNX_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -120,15 +123,29 @@ def timm_config(model: torch.nn.Module, info: dict, crop_pct: float, names: list
     return cfg
 
 
-def export_onnx(fused: torch.nn.Module, path: Path, example: torch.Tensor, opset: int) -> None:
-    """The folded model to ONNX with a dynamic batch dimension, through torch.export (torch's exporter since
-    2.9; the TorchScript one is deprecated), written whole or not at all."""
+def export_onnx(fused: torch.nn.Module, reference: torch.nn.Module, out: Path, example: torch.Tensor,
+                check: torch.Tensor, opset: int) -> float | None:
+    """The folded model to out/model.onnx with a dynamic batch dimension, through torch.export (torch's exporter
+    since 2.9; the TorchScript one is deprecated). Written and checked in a temporary folder first, under its
+    final names (a model over 2 GB keeps its weights in model.onnx.data, which model.onnx names), then moved
+    in: a refused or interrupted export leaves no model.onnx. Returns onnxruntime's max |diff| on `check`."""
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.onnx.export(fused, (example,), input_names=["images"], output_names=["logits"],
                                     opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
-    with atomic_write(path) as f:
-        program.save(f)
+    tmp = out / ".onnx.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    program.save(str(tmp / ONNX_FILE))
+    diff = check_onnx(tmp / ONNX_FILE, reference, check)  # another batch size than the export's
+    if diff is not None and diff > ONNX_ATOL:
+        shutil.rmtree(tmp)
+        raise DataError(f"the ONNX model of {out}: onnxruntime's logits differ from PyTorch's by {diff:.2e} "
+                        f"(allowed {ONNX_ATOL:.0e}); try another export.opset")
+    for name in sorted(os.listdir(tmp), key=lambda n: n == ONNX_FILE):  # model.onnx last: its data is in place
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+    return diff
 
 
 def check_onnx(path: Path, reference: torch.nn.Module, batch: torch.Tensor) -> float | None:
@@ -172,8 +189,9 @@ def model_card(cfg: DictConfig, inp: dict, run_out: Path, files: list[str], fold
     lines += [
         "## Files", "",
         *[f"- `{f}`" for f in files],
-        f"- BatchNorm folded into {fold['layers']} convolutions for ONNX (outputs moved by {fold['rel_diff']:.1e}, "
-        f"relative)" + (f"; onnxruntime vs PyTorch: max |diff| {onnx_diff:.1e}" if onnx_diff is not None else ""), "",
+        *([f"- BatchNorm folded into {fold['layers']} convolutions for ONNX (outputs moved by {fold['rel_diff']:.1e}, "
+           f"relative)" + (f"; onnxruntime vs PyTorch: max |diff| {onnx_diff:.1e}" if onnx_diff is not None else "")]
+          if fold else []), "",
         "## Load it", "",
         "```python",
         "import timm",
@@ -195,34 +213,31 @@ def work(run: StepRun) -> dict:
         return {}
     model, info = inp["model"].eval(), inp["info"]
     size = eval_img_size(info)
-    example = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-    fused, n_folded = fuse_batchnorm(model)
-    rel = relative_diff(model, fused, example)
-    if rel > FOLD_RTOL:
-        raise DataError(f"folding BatchNorm into the convolutions of {inp['step_dir']} moved its outputs by {rel:.2e} "
-                        f"(relative; allowed {FOLD_RTOL:.0e}): refusing to export a model that differs from the "
-                        "trained one; export.onnx=false exports the timm folder alone")
     out = run.out
     files = [MODEL_WEIGHTS, "config.json", "README.md"]
+    onnx_diff, fold = None, None
+    if s.onnx:  # first, so that a refused export leaves no new file behind
+        example = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+        fused, n_folded = fuse_batchnorm(model)
+        rel = relative_diff(model, fused, example)
+        if rel > FOLD_RTOL:
+            raise DataError(f"folding BatchNorm into the convolutions of {inp['step_dir']} moved its outputs by "
+                            f"{rel:.2e} (relative; allowed {FOLD_RTOL:.0e}): refusing an ONNX model that differs "
+                            "from the trained one; export.onnx=false exports the timm folder alone")
+        fold = {"layers": n_folded, "rel_diff": rel}
+        onnx_diff = export_onnx(fused, model, out, example, torch.randn(3, 3, size, size), s.opset)
+        files.insert(2, ONNX_FILE)
     atomic_write_bytes(out / MODEL_WEIGHTS, (inp["step_dir"] / MODEL_WEIGHTS).read_bytes())  # plain timm names
     config = timm_config(model, info, float(cfg.data.get("crop_pct", 0.875)), inp["names"])
     atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
-    onnx_diff = None
-    if s.onnx:
-        export_onnx(fused, out / "model.onnx", example, s.opset)
-        onnx_diff = check_onnx(out / "model.onnx", model, torch.randn(3, 3, size, size))  # another batch size
-        if onnx_diff is not None and onnx_diff > ONNX_ATOL:
-            raise DataError(f"{out / 'model.onnx'}: onnxruntime's logits differ from PyTorch's by {onnx_diff:.2e} "
-                            f"(allowed {ONNX_ATOL:.0e}); try another export.opset")
-        files.insert(2, "model.onnx")
-    fold = {"layers": n_folded, "rel_diff": rel}
     atomic_write_bytes(out / "README.md", model_card(cfg, inp, out, files, fold, onnx_diff).encode())
     log.info("exported round %d (%s) to %s: %s", inp["round"], info["name"], out, ", ".join(files))
     return {"round": inp["round"], "role": inp["role"], "source": str(inp["step_dir"]), "model": info,
-            "files": files, "batchnorm_folded": n_folded, "fold_rel_diff": rel,
+            "files": files, "batchnorm_folded": fold and fold["layers"], "fold_rel_diff": fold and fold["rel_diff"],
             "onnx_opset": s.opset if s.onnx else None, "onnx_max_abs_diff": onnx_diff,
             "label_names": bool(inp["names"]), "top1": inp["summary"]["top1"]}
 
 
 STEP = Step("export", settings, reads, inputs, work, out_dir=lambda cfg: Path(cfg.run_dir) / "export",
-            outputs=(MODEL_WEIGHTS, "config.json", "model.onnx", "README.md", SUMMARY))
+            outputs=(MODEL_WEIGHTS, "config.json", ONNX_FILE, ONNX_FILE + ".data", ".onnx.tmp", "README.md",
+                     SUMMARY))

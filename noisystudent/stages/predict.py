@@ -67,7 +67,24 @@ def settings(cfg: DictConfig) -> PredictSettings:
 
 
 def reads(cfg: DictConfig) -> dict:
-    return read_settings(cfg, ("predict.src", "predict.model", "predict.topk", "data.crop_pct", "pseudolabel.decode"))
+    out = read_settings(cfg, ("predict.src", "predict.model", "predict.topk", "data.crop_pct", "pseudolabel.decode"))
+    # which model predict.model resolves to, and the settings hash of the step that made it: predictions of a
+    # model trained or exported since are not these
+    model = cfg.predict.model
+    export = Path(cfg.run_dir) / "export"
+    folder = Path(str(model)) if isinstance(model, str) and not model.isdigit() else None
+    if folder is None and model is None and is_done(export):
+        folder = export
+    if folder is not None:
+        summary = folder / "summary.json"
+        out["model (resolved)"] = {"path": str(folder), "config_hash": read_json(summary).get("config_hash")
+                                   if summary.exists() else None}
+    else:
+        models = [m for m in finished_models(cfg.run_dir) if model is None or m[0] == int(model)]
+        if models:
+            out["model (resolved)"] = {"path": str(models[-1][2]),
+                                       "config_hash": read_json(models[-1][2] / "summary.json").get("config_hash")}
+    return out
 
 
 def out_dir(cfg: DictConfig) -> Path:
@@ -81,7 +98,7 @@ def _sources(src: str, files_per_source: int) -> tuple[list[str], object, int]:
         for dirpath, dirnames, names in os.walk(src):
             dirnames.sort()
             for name in sorted(names):
-                if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                if os.path.splitext(name)[1][1:].lower() in IMAGE_EXTS:  # as ImageFiles reads it
                     files.append(os.path.join(dirpath, name))
                 else:
                     other += 1

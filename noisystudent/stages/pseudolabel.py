@@ -17,7 +17,6 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import DATA_SPLIT_KEYS, positive_int, read_settings, round_number, worker_nice
-from ..data.device_decode import jpeg_decoder
 from ..data.streams import rank_shards
 from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm
 from ..engine import peak_device_memory_mib
@@ -178,7 +177,7 @@ def work(run: StepRun) -> dict:
         "sum").tolist())
     # where the images of this run were decoded (summed over processes); cpu_fallback: images the device
     # decoder does not take (not JPEG, CMYK, ...) or refused, decoded with PIL instead
-    applied["decode"] = {"where": s.decode, **({"decoder": counts.get("decoder", jpeg_decoder()[1]),
+    applied["decode"] = {"where": s.decode, **({"decoder": counts.get("decoder"),
                                                  "device_decoded": device_decoded, "cpu_fallback": cpu_fallback}
                                                 if s.decode == "gpu" else {})}
     applied["peak_device_memory_mib"] = peak_device_memory_mib(accelerator.device)  # the main process's
