@@ -142,7 +142,6 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     bare = job.model.to(device)
     if s.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
-    model = bare
     lr = learning_rate(s.optim, job.global_batch)
     optimizer = _optimizer(bare, s.optim, lr)
     scheduler = _scheduler(optimizer, s.sched, s.epochs, job.steps_per_epoch)

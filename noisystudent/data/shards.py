@@ -93,6 +93,11 @@ def count_samples(urls: list[str], key: str, declared: int | None = None, declar
     return total
 
 
+def file_image_ext(path: str) -> str:
+    """The extension a file's image is stored under in a sample ("photo.JPG" -> "jpg")."""
+    return os.path.splitext(path)[1][1:].lower()
+
+
 def image_key(sample: dict) -> str | None:
     for ext in IMAGE_EXTS:
         if ext in sample:

@@ -22,7 +22,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..labels import LabelFile, soft_targets
-from .shards import SampleDecoder, collate_counting, skip_and_record_shard_error
+from .shards import SampleDecoder, collate_counting, file_image_ext, skip_and_record_shard_error
 
 
 class _SeededShuffle:
@@ -211,7 +211,7 @@ class ImageFiles:
 
     def __call__(self, source: str) -> Iterator[dict]:
         for path in self.chunks[source]:
-            ext = os.path.splitext(path)[1][1:].lower()
+            ext = file_image_ext(path)
             try:
                 with open(path, "rb") as f:
                     data = f.read()

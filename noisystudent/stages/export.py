@@ -55,16 +55,22 @@ def settings(cfg: DictConfig) -> ExportSettings:
     return ExportSettings(e.round, bool(e.onnx), int(e.opset))
 
 
+def _round_model(cfg: DictConfig, round_idx: int | None) -> tuple[int, str, Path] | None:
+    """The finished model export.round names (None: the last one), or None when there is none."""
+    models = finished_models(cfg.run_dir)
+    if round_idx is None:
+        return models[-1] if models else None
+    return next((m for m in models if m[0] == round_idx), None)
+
+
 def _chosen(cfg: DictConfig, s: ExportSettings) -> tuple[int, str, Path]:
+    chosen = _round_model(cfg, s.round)
+    if chosen is not None:
+        return chosen
     models = finished_models(cfg.run_dir)
     if not models:
         raise MissingInputError(f"no finished model in {cfg.run_dir}: train one first "
                                 f"(`{command_for_round(cfg.run_dir, 0)}`, or stage=iterate)")
-    if s.round is None:
-        return models[-1]
-    for m in models:
-        if m[0] == s.round:
-            return m
     raise MissingInputError(f"export.round={s.round}: no finished model for that round in {cfg.run_dir} "
                             f"(finished: {', '.join(str(m[0]) for m in models)}); make it with "
                             f"`{command_for_round(cfg.run_dir, s.round)}`")
@@ -72,13 +78,11 @@ def _chosen(cfg: DictConfig, s: ExportSettings) -> tuple[int, str, Path]:
 
 def reads(cfg: DictConfig) -> dict:
     out = read_settings(cfg, ("export.onnx", "export.opset", "data.crop_pct"))
-    models = finished_models(cfg.run_dir)
-    if models:  # which model, and the settings hash of the step that made it: a retrained model is another export
-        r = cfg.export.round
-        chosen = models[-1] if r is None else next((m for m in models if m[0] == r), None)
-        if chosen is not None:
-            out["model (resolved)"] = {"round": chosen[0], "path": str(chosen[2]),
-                                       "config_hash": read_summary(chosen[2]).get("config_hash")}
+    # which model, and the settings hash of the step that made it: a retrained model is another export
+    chosen = _round_model(cfg, cfg.export.round)
+    if chosen is not None:
+        out["model (resolved)"] = {"round": chosen[0], "path": str(chosen[2]),
+                                   "config_hash": read_summary(chosen[2]).get("config_hash")}
     return out
 
 

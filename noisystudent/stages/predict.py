@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import positive_int, read_settings, worker_nice
-from ..data.shards import IMAGE_EXTS, expand_shards
+from ..data.shards import IMAGE_EXTS, expand_shards, file_image_ext
 from ..data.streams import ImageFiles, rank_shards, read_tar
 from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm
 from ..errors import ConfigError, MissingInputError
@@ -31,7 +31,7 @@ from ..files import atomic_write, atomic_write_bytes, read_json
 from ..inference import prepare
 from ..labeling import Decoding, run_model
 from ..models import MODEL_WEIGHTS, eval_img_size, load_exported_model
-from ..rundir import command_for_round, finished_models, is_done
+from ..rundir import SUMMARY, command_for_round, finished_models, is_done, read_summary
 from .contract import Step, StepRun
 from .export import class_names
 
@@ -70,21 +70,24 @@ def reads(cfg: DictConfig) -> dict:
     out = read_settings(cfg, ("predict.src", "predict.model", "predict.topk", "data.crop_pct", "pseudolabel.decode"))
     # which model predict.model resolves to, and the settings hash of the step that made it: predictions of a
     # model trained or exported since are not these
-    model = cfg.predict.model
-    export = Path(cfg.run_dir) / "export"
-    folder = Path(str(model)) if isinstance(model, str) and not model.isdigit() else None
-    if folder is None and model is None and is_done(export):
-        folder = export
-    if folder is not None:
-        summary = folder / "summary.json"
-        out["model (resolved)"] = {"path": str(folder), "config_hash": read_json(summary).get("config_hash")
-                                   if summary.exists() else None}
-    else:
-        models = [m for m in finished_models(cfg.run_dir) if model is None or m[0] == int(model)]
-        if models:
-            out["model (resolved)"] = {"path": str(models[-1][2]),
-                                       "config_hash": read_json(models[-1][2] / "summary.json").get("config_hash")}
+    _, path = _resolve(cfg, cfg.predict.model)
+    if path is not None:
+        summary = path / SUMMARY
+        out["model (resolved)"] = {"path": str(path),
+                                   "config_hash": read_summary(path).get("config_hash") if summary.exists() else None}
     return out
+
+
+def _resolve(cfg: DictConfig, model) -> tuple[str, Path | None]:
+    """What predict.model names: ("folder", an exported folder) or ("step", a finished step's directory);
+    the path is None when that model does not exist."""
+    if isinstance(model, str) and not model.isdigit():
+        return "folder", Path(model)
+    export = Path(cfg.run_dir) / "export"
+    if model is None and is_done(export):
+        return "folder", export
+    models = [m for m in finished_models(cfg.run_dir) if model is None or m[0] == int(model)]
+    return "step", models[-1][2] if models else None
 
 
 def out_dir(cfg: DictConfig) -> Path:
@@ -98,7 +101,7 @@ def _sources(src: str, files_per_source: int) -> tuple[list[str], object, int]:
         for dirpath, dirnames, names in os.walk(src):
             dirnames.sort()
             for name in sorted(names):
-                if os.path.splitext(name)[1][1:].lower() in IMAGE_EXTS:  # as ImageFiles reads it
+                if file_image_ext(name) in IMAGE_EXTS:  # as ImageFiles reads it
                     files.append(os.path.join(dirpath, name))
                 else:
                     other += 1
@@ -112,26 +115,19 @@ def _sources(src: str, files_per_source: int) -> tuple[list[str], object, int]:
 
 def _load_model(cfg: DictConfig, s: PredictSettings) -> tuple[torch.nn.Module, dict, list[str] | None, str]:
     """(model, info with name/num_classes/img sizes, class names, where it came from)."""
-    if isinstance(s.model, str) and not s.model.isdigit():  # an exported folder
-        folder = Path(s.model)
-        if not (folder / "config.json").exists() or not (folder / MODEL_WEIGHTS).exists():
+    kind, path = _resolve(cfg, s.model)
+    if kind == "folder":
+        if not (path / "config.json").exists() or not (path / MODEL_WEIGHTS).exists():
             raise MissingInputError(f"predict.model={s.model!r}: not an exported model folder (config.json + "
                                     f"{MODEL_WEIGHTS}); make one with `python -m noisystudent stage=export`")
-        return _from_export(folder)
-    export = Path(cfg.run_dir) / "export"
-    if s.model is None and is_done(export):
-        return _from_export(export)
-    models = finished_models(cfg.run_dir)
-    if s.model is not None:
-        models = [m for m in models if m[0] == int(s.model)]
-    if not models:
+        return _from_export(path)
+    if path is None:
         k = 0 if s.model is None else int(s.model)
         raise MissingInputError(f"no finished model{'' if s.model is None else f' for round {k}'} in {cfg.run_dir}; "
                                 f"make it with `{command_for_round(cfg.run_dir, k)}`")
-    round_idx, _, step_dir = models[-1]
-    model, info = load_exported_model(step_dir, "")
+    model, info = load_exported_model(path, "")
     crop = float(cfg.data.get("crop_pct", 0.875))
-    return model, {**info, "crop_pct": crop}, class_names(cfg, int(info["num_classes"])), str(step_dir)
+    return model, {**info, "crop_pct": crop}, class_names(cfg, int(info["num_classes"])), str(path)
 
 
 def _from_export(folder: Path):
