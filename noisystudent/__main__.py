@@ -22,6 +22,7 @@ _MODULES = {
     "teacher": "teacher",
     "pseudolabel": "pseudolabel",
     "student": "student",
+    "finetune": "finetune",
     "evaluate": "evaluate",
     "iterate": "iterate",
     "export": "export",

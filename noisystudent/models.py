@@ -127,3 +127,40 @@ def check_num_classes(num_classes: int, expected: int, what: str, fix: str) -> N
     outputs but the config says `expected` (data.num_classes)."""
     if int(num_classes) != int(expected):
         raise ConfigError(f"{what} holds {num_classes} classes but data.num_classes={expected}; {fix}")
+
+
+def model_stages(model: torch.nn.Module) -> tuple[list[str], list[list[str]]]:
+    """(stem parameter names, parameter names of each stage in order), by timm's coarse `group_matcher`: its
+    first group is the stem, the groups after it the stages of blocks (a trailing group holding the classifier
+    is the head, never a stage). The same rule for EfficientNets, ResNets, ConvNeXts and ViTs, no names by hand."""
+    from timm.models import group_parameters
+
+    try:
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+    except (AttributeError, NotImplementedError) as e:
+        raise ConfigError(f"{type(model).__name__} has no timm group_matcher ({e}): set finetune.freeze=0 "
+                          "(nothing frozen)") from None
+    ordered = [groups[k] for k in sorted(groups)]
+    head = {id(p) for p in model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()
+    params = dict(model.named_parameters())
+    if len(ordered) > 1 and any(id(params[n]) in head for n in ordered[-1]):
+        ordered = ordered[:-1]
+    return ordered[0], ordered[1:]
+
+
+def freeze_stages(model: torch.nn.Module, stages: int | str) -> dict:
+    """Freeze the stem and the first `stages` stages (`model_stages`); 0 freezes nothing, "auto" the first half
+    (efficientnet_b0: stem + blocks 0-2 of 7; resnet50: stem + layer1-2 of 4). Only parameters stop learning:
+    BatchNorm statistics stay live, so that they follow the new resolution. Returns what was frozen."""
+    stem, blocks = model_stages(model)
+    n = len(blocks) // 2 if stages == "auto" else stages
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(blocks):
+        raise ConfigError(f"finetune.freeze={stages!r}: use auto (the first half of the stages), 0 (nothing frozen) "
+                          f"or the number of stages to freeze after the stem, up to {len(blocks)} for this model")
+    names = set(stem + [name for stage in blocks[:n] for name in stage]) if n else set()
+    frozen = 0
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return {"stages": n, "of": len(blocks), "frozen_params": frozen, "trained_params": count_params(model) - frozen}

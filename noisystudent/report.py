@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .files import atomic_write, atomic_write_bytes, write_json
+from .models import eval_img_size
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -15,34 +16,39 @@ PLOT = "accuracy.png"
 def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir) -> dict:
     """One row of the report: a finished model (its model.json info) and its eval metrics."""
     return {"round": round_idx, "role": role, "model": info["name"], "params": info["params"],
+            "eval_img_size": eval_img_size(info),
             "top1": metrics["top1"], "top5": metrics["top5"], "eval_images": metrics["images"],
             "per_class_top1": metrics["per_class_top1"], "path": str(step_dir)}
 
 
-def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str) -> dict:
-    """rows: dicts with round, role, model, params, top1, top5, per_class_top1 (teacher first)."""
+def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str, notes: list[str] = ()) -> dict:
+    """rows: dicts with round, role, model, params, top1, top5, per_class_top1 (teacher first); notes: lines
+    that say what the run left out and why."""
     run_dir = Path(run_dir)
     teacher_top1 = next((r["top1"] for r in rows if r["round"] == 0), None)
     for r in rows:
         r["gain_over_teacher"] = None if teacher_top1 is None else r["top1"] - teacher_top1
-    report = {"eval": eval_pattern, "rounds": rows}
+    report = {"eval": eval_pattern, "rounds": rows, "notes": list(notes)}
     write_json(run_dir / REPORT_JSON, report)
     _plot(run_dir / PLOT, rows)
-    atomic_write_bytes(run_dir / REPORT_MD, markdown_table(rows, eval_pattern).encode())
+    atomic_write_bytes(run_dir / REPORT_MD, markdown_table(rows, eval_pattern, notes).encode())
     return report
 
 
-def markdown_table(rows: list[dict], eval_pattern: str = "") -> str:
+def markdown_table(rows: list[dict], eval_pattern: str = "", notes: list[str] = ()) -> str:
     lines = ["# noisystudent report", ""]
     if eval_pattern:
-        lines += [f"Evaluated on `{eval_pattern}`.", ""]
-    lines += ["| round | role | model | params | top-1 | top-5 | gain over teacher |",
-              "|---|---|---|---|---|---|---|"]
+        lines += [f"Evaluated on `{eval_pattern}`, each model at its own resolution (eval res.: a student at its "
+                  "preset's test_img_size, a fine-tune at the resolution it was fine-tuned for).", ""]
+    lines += ["| round | role | model | params | eval res. | top-1 | top-5 | gain over teacher |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gain = "" if r.get("gain_over_teacher") is None or r["round"] == 0 else f"{100 * r['gain_over_teacher']:+.2f}"
-        lines.append(f"| {r['round']} | {r['role']} | {r['model']} | {r['params']:,} | {100 * r['top1']:.2f} | "
+        res = f"{r['eval_img_size']} px" if r.get("eval_img_size") else ""
+        lines.append(f"| {r['round']} | {r['role']} | {r['model']} | {r['params']:,} | {res} | {100 * r['top1']:.2f} | "
                      f"{100 * r['top5']:.2f} | {gain} |")
-    lines += ["", f"![accuracy per round]({PLOT})", ""]
+    lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
+    lines += [f"![accuracy per round]({PLOT})", ""]
     return "\n".join(lines)
 
 
@@ -53,9 +59,14 @@ def _plot(path: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    rounds = [r["round"] for r in rows]
-    ax.plot(rounds, [100 * r["top1"] for r in rows], "o-", label="top-1")
-    ax.plot(rounds, [100 * r["top5"] for r in rows], "s--", label="top-5")
+    chain = [r for r in rows if r["role"] != "finetune"]  # the teacher and the students, round after round
+    tuned = [r for r in rows if r["role"] == "finetune"]  # a round's fine-tune, beside its student
+    rounds = [r["round"] for r in chain]
+    ax.plot(rounds, [100 * r["top1"] for r in chain], "o-", label="top-1")
+    ax.plot(rounds, [100 * r["top5"] for r in chain], "s--", label="top-5")
+    if tuned:
+        ax.plot([r["round"] for r in tuned], [100 * r["top1"] for r in tuned], "D", color="C2",
+                label="top-1, fine-tuned at " + ", ".join(sorted({f"{r['eval_img_size']} px" for r in tuned})))
     ax.set_xticks(rounds, [("teacher" if r == 0 else f"round {r}") for r in rounds])
     ax.set_ylabel("eval accuracy (%)")
     ax.grid(alpha=0.3)

@@ -5,6 +5,7 @@ Layout (everything under run_dir, no timestamps, so stages find each other by co
     round_K/pseudolabel/        labels/<shard>.labels.safetensors, selection.json, selection.png,
                                 summary.json, _SUCCESS
     round_K/student/            like teacher/
+    round_K/finetune/           like teacher/: round K's student fine-tuned at its test resolution
     export/                     model.safetensors, config.json (a timm model folder), model.onnx,
                                 README.md (model card), summary.json, _SUCCESS
     report.json, report.md, accuracy.png
@@ -37,8 +38,13 @@ def student_dir(run_dir: str | os.PathLike, round_idx: int) -> Path:
     return round_dir(run_dir, round_idx) / "student"
 
 
+def finetune_dir(run_dir: str | os.PathLike, round_idx: int) -> Path:
+    return round_dir(run_dir, round_idx) / "finetune"
+
+
 def model_dir_for_round(run_dir: str | os.PathLike, round_idx: int) -> Path:
-    """The model that finished round `round_idx` (round 0 is the teacher)."""
+    """The model that finished round `round_idx` (round 0 is the teacher): the one the next round learns from.
+    A round's test-resolution fine-tune is a leaf beside it, never the next round's teacher."""
     return teacher_dir(run_dir) if int(round_idx) == 0 else student_dir(run_dir, round_idx)
 
 
@@ -50,13 +56,16 @@ def command_for_round(run_dir: str | os.PathLike, round_idx: int) -> str:
 
 
 def finished_models(run_dir: str | os.PathLike) -> list[tuple[int, str, Path]]:
-    """(round, role, step_dir) of every finished model, teacher first, rounds in order."""
+    """(round, role, step_dir) of every finished model, teacher first, rounds in order; a round's fine-tune
+    (role "finetune") right after its student, so the last entry of a round is its final model."""
     found = []
     if is_done(teacher_dir(run_dir)):
         found.append((0, "teacher", teacher_dir(run_dir)))
     k = 1
     while is_done(student_dir(run_dir, k)):
         found.append((k, "student", student_dir(run_dir, k)))
+        if is_done(finetune_dir(run_dir, k)):
+            found.append((k, "finetune", finetune_dir(run_dir, k)))
         k += 1
     return found
 

@@ -17,4 +17,6 @@ for ((k = 1; k <= ROUNDS; k++)); do
   eval $LAUNCH -m noisystudent stage=student run_dir="$RUN_DIR" round=$k \
       "'iterate.models=[efficientnet_b0,efficientnet_b1,efficientnet_b2]'" student.unlabel_ratio=3 $COMMON ${DATA:-}
 done
+# with a preset tested above its train resolution (efficientnet_l2: 475 -> 800 px), the FixRes fine-tune:
+#   eval $LAUNCH -m noisystudent stage=finetune run_dir="$RUN_DIR" round=$ROUNDS $COMMON ${DATA:-}
 eval $LAUNCH -m noisystudent stage=evaluate run_dir="$RUN_DIR" $COMMON ${DATA:-}

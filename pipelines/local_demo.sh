@@ -13,5 +13,8 @@ for ((k = 1; k <= ROUNDS; k++)); do
   $PY -m noisystudent stage=pseudolabel run_dir="$RUN_DIR" round=$k "$@"
   $PY -m noisystudent stage=student run_dir="$RUN_DIR" round=$k "$@"
 done
+# iterate.finetune=final also fine-tunes the last student at its test resolution, for a preset whose
+# test_img_size differs from its img_size (the demo's do not: iterate leaves the step out, and so does this):
+#   $PY -m noisystudent stage=finetune run_dir="$RUN_DIR" round=$ROUNDS "$@"
 $PY -m noisystudent stage=evaluate run_dir="$RUN_DIR" "$@"
 cat "$RUN_DIR/report.md"

@@ -61,7 +61,9 @@ def _loop_args(shards, run_dir, *extra):
             f"data.labeled={shards}/L-000000.tar", f"data.unlabeled='{shards}/U-{{000000..000005}}.tar'",
             f"data.eval={shards}/E-000000.tar", "data.crop_scale=[0.5,1.0]", "data.crop_pct=1.0", "model=demo",
             "train.batch_size=16", "train.epochs=4", "student.epochs=1", "train.shuffle_buffer=100",
-            "pseudolabel.batch_size=4", "pseudolabel.threshold=0.26", "num_workers=1", "eval.batch_size=32", *extra]
+            "pseudolabel.batch_size=4", "pseudolabel.threshold=0.26", "num_workers=1", "eval.batch_size=32",
+            # the last round's student fine-tuned for a test at 28 px (the demo preset tests at its 32)
+            "finetune.img_size=28", *extra]
 
 
 def _launch(port: int, *args, **popen):
@@ -99,7 +101,8 @@ def loop_run(shards, tmp_path_factory):
 
 
 def test_two_process_iterate_on_shards(loop_run):
-    for step in ("teacher", "round_1/pseudolabel", "round_1/student", "round_2/pseudolabel", "round_2/student"):
+    for step in ("teacher", "round_1/pseudolabel", "round_1/student", "round_2/pseudolabel", "round_2/student",
+                 "round_2/finetune"):
         assert (loop_run / step / "_SUCCESS").exists(), step
         s = read_json(loop_run / step / "summary.json")
         assert s["processes"] == 2
@@ -109,7 +112,14 @@ def test_two_process_iterate_on_shards(loop_run):
         assert pl["images_seen"] == 6 * 32 and pl["shards_labeled"] == 6 and pl["images_after_balancing"] > 0
         st = read_json(loop_run / f"round_{k}/student/summary.json")
         assert st["replicas_in_sync"] is True and st["eval"]["images"] == 64
-    assert [r["round"] for r in _report(loop_run)] == [0, 1, 2]
+    ft = read_json(loop_run / "round_2/finetune/summary.json")
+    assert ft["replicas_in_sync"] is True and ft["img_size"] == 28 and ft["eval"]["images"] == 64
+    # 64 labeled images, 2 processes x batch 16: 2 batches on each for the BatchNorm statistics
+    assert ft["batchnorm_reestimated"] == {"layers": ft["batchnorm_reestimated"]["layers"], "images": 64,
+                                           "batches_per_process": 2}
+    assert not (loop_run / "round_1/finetune").exists()  # iterate.finetune=final
+    assert [(r["round"], r["role"]) for r in _report(loop_run)] == [(0, "teacher"), (1, "student"), (2, "student"),
+                                                                    (2, "finetune")]
 
 
 def test_rerun_of_a_finished_loop_changes_nothing(loop_run, shards):
@@ -117,7 +127,7 @@ def test_rerun_of_a_finished_loop_changes_nothing(loop_run, shards):
     out, err = _ok(_launch(29582, *_loop_args(shards, loop_run)))
     assert _outputs(loop_run) == before
     assert "training" not in err and "labeling" not in err
-    assert "| 2 | student |" in out
+    assert "| 2 | student |" in out and "| 2 | finetune |" in out
 
 
 def test_sigkill_of_the_launch_in_round_1_then_rerun_equals_uninterrupted(loop_run, shards, tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
+import torch
 from omegaconf import DictConfig
 
 from ..config import positive_int, worker_nice
@@ -27,11 +29,15 @@ def num_classes(cfg: DictConfig) -> int:
     return positive_int(cfg, "data.num_classes")
 
 
-def train_and_export(run: StepRun, job: TrainJob, model_info: dict) -> dict:
-    """Train, evaluate the EMA weights on data.eval, export them (main process); the step's summary."""
+def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
+                     after_training: Callable[[torch.nn.Module], dict] | None = None) -> dict:
+    """Train, evaluate the EMA weights on data.eval, export them (main process); the step's summary.
+    `after_training` (every process) may change the EMA model before that, and adds to the summary."""
     cfg, accelerator = run.cfg, run.accelerator
     ema_model, summary = fit(accelerator, job)
     t0 = time.time()
+    if after_training is not None:
+        summary = {**summary, **after_training(ema_model)}
     nc = num_classes(cfg)
     metrics = evaluate(accelerator, ema_model, shards(cfg, "eval"), nc, eval_transform(eval_img_size(model_info),
                        cfg.data), int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),

@@ -56,11 +56,10 @@ def settings(cfg: DictConfig) -> ExportSettings:
 
 
 def _round_model(cfg: DictConfig, round_idx: int | None) -> tuple[int, str, Path] | None:
-    """The finished model export.round names (None: the last one), or None when there is none."""
-    models = finished_models(cfg.run_dir)
-    if round_idx is None:
-        return models[-1] if models else None
-    return next((m for m in models if m[0] == round_idx), None)
+    """The finished model export.round names (None: the last one), or None when there is none. A round's
+    model is its fine-tune when there is one (finished_models lists it last of the round)."""
+    models = [m for m in finished_models(cfg.run_dir) if round_idx is None or m[0] == round_idx]
+    return models[-1] if models else None
 
 
 def _chosen(cfg: DictConfig, s: ExportSettings) -> tuple[int, str, Path]:
@@ -169,6 +168,8 @@ def check_onnx(path: Path, reference: torch.nn.Module, batch: torch.Tensor) -> f
 def model_card(cfg: DictConfig, inp: dict, run_out: Path, files: list[str], fold: dict, onnx_diff) -> str:
     info, summary = inp["info"], inp["summary"]
     size = eval_img_size(info)
+    # a fine-tune trains without noise: the noise that made the model is its student's
+    noise = read_summary(summary["source"]).get("noise") if inp["role"] == "finetune" else summary.get("noise")
     report = Path(cfg.run_dir) / "report.json"
     rows = read_json(report)["rounds"] if report.exists() else []
     lines = [
@@ -181,8 +182,11 @@ def model_card(cfg: DictConfig, inp: dict, run_out: Path, files: list[str], fold
         + (f" ({', '.join(inp['names'][:10])}{', ...' if len(inp['names']) > 10 else ''})" if inp["names"] else ""),
         "", "## Recipe", "",
         f"- model: `{info['name']}`, {summary['model']['params']:,} parameters, trained at {info['img_size']} px, "
-        f"evaluated at {size} px (crop_pct {cfg.data.get('crop_pct', 0.875)})",
-        f"- noise: {json.dumps(summary.get('noise'))}" if summary.get("noise") else "- the teacher (round 0)",
+        + (f"then fine-tuned at {size} px on the labeled images without augmentation (FixRes; "
+           f"{summary.get('epochs', 0):.3g} epochs, {summary['frozen']['stages']} of {summary['frozen']['of']} "
+           "stages frozen), " if inp["role"] == "finetune" else "")
+        + f"evaluated at {size} px (crop_pct {cfg.data.get('crop_pct', 0.875)})",
+        f"- noise: {json.dumps(noise)}" if noise else "- the teacher (round 0)",
         f"- steps: {summary.get('steps')}, global batch {summary.get('global_batch')}, "
         f"precision {summary.get('precision', '?')}",
         f"- accuracy on the eval set: top-1 {100 * summary['top1']:.2f}%, top-5 {100 * summary['top5']:.2f}% "

@@ -26,6 +26,12 @@ for ((k = 1; k <= ROUNDS; k++)); do
   job=$(submit "$job" "${STUDENT_OPTS:-} --job-name=ns-student-$k" stage=student round=$k run_dir="$RUN_DIR" "$@")
   echo "round $k student: $job"
 done
+# FINETUNE=1: the last round's student fine-tuned at its test resolution (a preset whose test_img_size
+# is larger than its img_size, e.g. efficientnet_l2; stage=finetune refuses the others and says why)
+if [ -n "${FINETUNE:-}" ]; then
+  job=$(submit "$job" "${FINETUNE_OPTS:-} --job-name=ns-finetune" stage=finetune round=$ROUNDS run_dir="$RUN_DIR" "$@")
+  echo "round $ROUNDS finetune: $job"
+fi
 job=$(submit "$job" "${EVALUATE_OPTS:-} --job-name=ns-evaluate" stage=evaluate run_dir="$RUN_DIR" "$@")
 echo "evaluate: $job"
 echo "$job" > "$RUN_DIR/slurm/last_job"
