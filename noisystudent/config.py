@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .tracking import resolve_tracking
 
 
 def require(cfg: DictConfig, key: str, hint: str = ""):
@@ -139,6 +140,7 @@ class TrainSettings:
     num_workers: int
     optim: dict
     sched: dict
+    tracking: str = "none"  # where metrics go besides metrics.jsonl (tracking.resolve_tracking)
 
 
 def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettings:
@@ -190,6 +192,7 @@ def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettin
         num_workers=workers,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         sched=OmegaConf.to_container(cfg.sched, resolve=True),
+        tracking=resolve_tracking(cfg.get("tracking", "auto")),
     )
 
 

@@ -25,6 +25,7 @@ from .data.prefetch import DevicePrefetcher
 from .data.transforms import InputNormalizer, model_norm
 from .errors import DataError, NoisyStudentError
 from .files import atomic_write
+from .tracking import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,12 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     # with the model's mean and std (data/prefetch.py).
     batches = DevicePrefetcher(job.batches(s.seed * 1_000_003 + step * 7919 + accelerator.process_index), device,
                                InputNormalizer(*model_norm(bare), channels_last=s.channels_last))
+    metrics = MetricsLog(job.step_dir, s.tracking, resumed_from, accelerator.is_main_process)
     model.train()
     t0 = time.time()
     loop_images, loop_t0 = 0, None
+    # per log interval: host time spent waiting for the next batch, and the wall time of the interval
+    wait_s, interval_t0, interval_images, grad_norm = 0.0, time.time(), 0, None
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process,
                desc=job.step_dir.name, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     # the loss and its parts are summed on the device and read at the log interval only
@@ -215,7 +219,9 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     empty = _EmptyStreamGuard()
     try:
         while step < total_steps:
+            t_wait = time.time()
             batch = next(batches)
+            wait_s += time.time() - t_wait
             corrupt += batch["n_corrupt"]
             for err in batch.get("shard_errors", ()):
                 shard_errors[err] = shard_errors.get(err, 0) + 1
@@ -232,8 +238,11 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                 logits = model(images)
             loss, parts = job.loss(logits, batch)
             accelerator.backward(loss)
+            log_next = (step + 1) % s.log_every_steps == 0 or step + 1 == total_steps
             if s.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)
+            elif log_next:  # the norm is queued on the device here and read with the loss at the log step
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in bare.parameters() if p.grad is not None])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -242,6 +251,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             n = images.shape[0] * accelerator.num_processes
             images_seen += n
             loop_images += n
+            interval_images += n
             if loop_t0 is None:  # images/s counts from the end of the first step: start-up and warm-up excluded
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # once: the clock starts when the first step is done, not queued
@@ -257,9 +267,16 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                 last_losses = {k: float(v) / logged_steps for k, v in logged.items()}  # the one read of the device
                 logged.clear()
                 logged_steps = 0
-                ips = loop_images / max(time.time() - loop_t0, 1e-9) if loop_images else 0.0
-                bar.set_postfix(**{k: f"{v:.3f}" for k, v in last_losses.items()},
-                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                now = time.time()
+                ips = loop_images / max(now - loop_t0, 1e-9) if loop_images else 0.0
+                lr_now = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(**{k: f"{v:.3f}" for k, v in last_losses.items()}, lr=f"{lr_now:.2e}",
+                                img_s=f"{ips:.0f}", refresh=False)
+                metrics.log({"step": step, "epoch": step / job.steps_per_epoch, **last_losses, "lr": lr_now,
+                             "images_per_sec": interval_images / max(now - interval_t0, 1e-9),
+                             "data_wait_fraction": min(1.0, wait_s / max(now - interval_t0, 1e-9)),
+                             "grad_norm": None if grad_norm is None else float(grad_norm)})
+                wait_s, interval_t0, interval_images = 0.0, now, 0
             save_now = step % s.ckpt_every_steps == 0 or step % job.steps_per_epoch == 0 or step == total_steps
             stop = stop_requested(accelerator, stop_flag, agree=log_now or save_now)
             if save_now or stop:
@@ -269,6 +286,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                                 f"{ckpt_path}: rerun the same command to continue (resume=auto)")
     finally:  # whatever ends the loop, the caller gets its SIGTERM handler back
         signal.signal(signal.SIGTERM, previous_handler)
+        metrics.close()
         bar.close()
         batches.close()
         del batches  # shuts the loader workers down now, not at interpreter exit

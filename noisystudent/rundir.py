@@ -1,7 +1,8 @@
 """The run directory: fixed paths per step, `summary.json` + `_SUCCESS` markers.
 
 Layout (everything under run_dir, no timestamps, so stages find each other by convention):
-    teacher/                    checkpoint.pt, model.safetensors, model.json, summary.json, _SUCCESS
+    teacher/                    checkpoint.pt, model.safetensors, model.json, metrics.jsonl, tensorboard/,
+                                config.yaml, summary.json, _SUCCESS
     round_K/pseudolabel/        labels/<shard>.labels.safetensors, selection.json, selection.png,
                                 summary.json, _SUCCESS
     round_K/student/            like teacher/

@@ -15,9 +15,9 @@ A step (teacher, pseudolabel, student; evaluate without a marker) is described b
 5. seed: every process seeds Python, NumPy and torch from (seed, step, round, rank), so a step gives
    the same result alone, inside stage=iterate, or after the loop was stopped and rerun;
 6. work: the step's recipe; collectives on every process, shared files from the main process;
-7. finish: the main process writes summary.json (with the settings the step read and their hash),
-   then `_SUCCESS`; every process returns only after a barrier, once those files exist, with the
-   summary read back from disk.
+7. finish: the main process writes config.yaml (the whole composed config, resolved), summary.json
+   (with the settings the step read and their hash), then `_SUCCESS`; every process returns only
+   after a barrier, once those files exist, with the summary read back from disk.
 """
 
 from __future__ import annotations
@@ -30,15 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..config import changed_settings, settings_hash
 from ..data import digits
 from ..engine import CHECKPOINT
 from ..errors import NoisyStudentError
+from ..files import atomic_write_bytes
 from ..rundir import SUCCESS, is_done, mark_done, read_summary
+from ..tracking import METRICS, TENSORBOARD
 
 log = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def _main_decides(accelerator, value):
 
 
 def _clear(out: Path, outputs: tuple[str, ...]) -> None:
-    for name in (SUCCESS, CHECKPOINT, *outputs):
+    for name in (SUCCESS, CHECKPOINT, CONFIG, METRICS, TENSORBOARD, *outputs):
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -139,6 +143,8 @@ def run_step(step: Step, cfg: DictConfig, accelerator) -> dict:
         accelerator.wait_for_everyone()
         return summary
     if accelerator.is_main_process:
+        # everything the step was run with, beside what it read (summary.json's settings): a result traces to it
+        atomic_write_bytes(out / CONFIG, OmegaConf.to_yaml(cfg, resolve=True).encode())
         mark_done(out, {**summary, "settings": reads, "config_hash": digest})
     accelerator.wait_for_everyone()
     if not is_done(out):  # every process sees the marker before it moves on (shared filesystem)
