@@ -141,6 +141,8 @@ class TrainSettings:
     optim: dict
     sched: dict
     tracking: str = "none"  # where metrics go besides metrics.jsonl (tracking.resolve_tracking)
+    eval_every_epochs: int | None = None  # evaluate the EMA model at every this many epoch ends
+    eval_keep: str = "last"  # last | best (the periodic evaluation's best EMA weights)
 
 
 def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettings:
@@ -193,13 +195,29 @@ def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettin
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         sched=OmegaConf.to_container(cfg.sched, resolve=True),
         tracking=resolve_tracking(cfg.get("tracking", "auto")),
+        **eval_settings(cfg),
     )
+
+
+def eval_settings(cfg: DictConfig) -> dict:
+    """eval.every_epochs and eval.keep, checked."""
+    every = optional_positive_int(cfg, "eval.every_epochs")
+    keep = OmegaConf.select(cfg, "eval.keep", default="last")
+    if keep not in ("last", "best"):
+        raise ConfigError(f"eval.keep={keep!r}: use last (the final EMA weights) or best (the best periodic "
+                          "evaluation)")
+    if keep == "best" and every is None:
+        raise ConfigError("eval.keep=best needs eval.every_epochs (e.g. eval.every_epochs=1): without periodic "
+                          "evaluations there is no best epoch")
+    return {"eval_every_epochs": every, "eval_keep": keep}
 
 
 # Keys that change how a step runs, not what it computes: never part of a step's settings.
 HOW_KEYS = ("train.ckpt_every_steps", "train.log_every_steps")
 # The keys of the embedded digits' split (null for data=shards): they decide which images are which.
 DATA_SPLIT_KEYS = ("data.labels_per_class", "data.eval_fraction", "data.split_seed")
+# The periodic evaluation's keys: eval.keep=best changes which weights a training step ends with.
+EVAL_KEYS = ("eval.every_epochs", "eval.keep")
 # The keys that define the data a training step reads.
 DATA_KEYS = ("data.num_classes", "data.crop_scale", "data.crop_pct", "data.hflip", *DATA_SPLIT_KEYS)
 

@@ -50,6 +50,8 @@ class TrainJob:
     loss: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
     settings_hash: str = ""
     extra_summary: dict = field(default_factory=dict)
+    # EMA model -> eval metrics (top1, top5, loss); run at every settings.eval_every_epochs epoch ends
+    evaluate: Callable[[torch.nn.Module], dict] | None = None
 
 
 def _optimizer(model, optim: dict, lr: float):
@@ -135,6 +137,24 @@ class _EmptyStreamGuard:
         self.samples, self.shards, self.first_error = 0, set(), None
 
 
+def periodic_eval(job: TrainJob, ema, step: int, history: list, best_ema: dict | None, keep_best: bool,
+                  metrics: MetricsLog) -> dict | None:
+    """Evaluate the EMA model at an epoch end (every process: the evaluation is a collective), record it in the
+    history and the metrics; returns the best evaluation's EMA weights (on the host) when they are kept."""
+    epoch = step // job.steps_per_epoch
+    m = job.evaluate(ema.module)
+    record = {"epoch": epoch, "step": step, "top1": m["top1"], "top5": m["top5"], "loss": m["loss"]}
+    log.info("%s epoch %d: EMA top-1 %.4f, top-5 %.4f, loss %.4f", job.step_dir.name, epoch, m["top1"], m["top5"],
+             m["loss"])
+    metrics.log({"step": step, "epoch": float(epoch), "eval_top1": m["top1"], "eval_top5": m["top5"],
+                 "eval_loss": m["loss"]})
+    is_best = all(m["top1"] > h["top1"] for h in history)
+    history.append(record)
+    if keep_best and is_best:
+        return {k: v.detach().to("cpu", copy=True) for k, v in ema.module.state_dict().items()}
+    return best_ema
+
+
 def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     """Train job.model; return (EMA model, training summary). Resumes from job.step_dir/checkpoint.pt."""
     s = job.settings
@@ -155,6 +175,9 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     step, images_seen, corrupt, prior_wall = 0, 0, 0, 0.0
     shard_errors: dict[str, int] = {}  # error (with the shard's url) -> times hit; shards are resampled
     resumed_from = None
+    # periodic evaluations of the EMA model: (epoch, step, top1, top5, loss), and the best one's weights
+    history: list[dict] = []
+    best_ema: dict | None = None
     if s.resume == "auto" and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         bare.load_state_dict(state["model"])
@@ -164,6 +187,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         step, images_seen, corrupt, prior_wall = (state["step"], state["images_seen"], state["corrupt"],
                                                   state["wall_s"])
         resumed_from = step
+        history, best_ema = state.get("eval_history", []), state.get("best_ema")
         log.info("resuming %s at step %d / %d", job.step_dir, step, total_steps)
         if state.get("settings_hash") != job.settings_hash:
             log.warning("%s was written with other settings (hash %s, now %s): continuing with the new ones; "
@@ -188,7 +212,7 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
             "model": bare.state_dict(), "model_ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
             "images_seen": images_seen, "corrupt": corrupt, "wall_s": prior_wall + time.time() - t0,
-            "settings_hash": job.settings_hash,
+            "settings_hash": job.settings_hash, "eval_history": history, "best_ema": best_ema,
         }
 
     def checkpoint():
@@ -277,7 +301,11 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                              "data_wait_fraction": min(1.0, wait_s / max(now - interval_t0, 1e-9)),
                              "grad_norm": None if grad_norm is None else float(grad_norm)})
                 wait_s, interval_t0, interval_images = 0.0, now, 0
-            save_now = step % s.ckpt_every_steps == 0 or step % job.steps_per_epoch == 0 or step == total_steps
+            epoch_end = step % job.steps_per_epoch == 0
+            every = s.eval_every_epochs
+            if epoch_end and every and job.evaluate and (step // job.steps_per_epoch) % every == 0:
+                best_ema = periodic_eval(job, ema, step, history, best_ema, s.eval_keep == "best", metrics)
+            save_now = step % s.ckpt_every_steps == 0 or epoch_end or step == total_steps
             stop = stop_requested(accelerator, stop_flag, agree=log_now or save_now)
             if save_now or stop:
                 checkpoint()
@@ -297,6 +325,9 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                         "the same command to evaluate and export (resume=auto)")
     loop_end = time.time()
     wall = loop_end - t0
+    best = max(history, key=lambda h: h["top1"]) if history else None  # the first of equal ones
+    if s.eval_keep == "best" and best_ema is not None:
+        ema.module.load_state_dict(best_ema)
     in_sync = replicas_in_sync(accelerator, bare)
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
     n_shard_errors = int(accelerator.reduce(torch.tensor(sum(shard_errors.values()), device=device), "sum"))
@@ -322,6 +353,9 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         # the messages are this process's, the count is summed over processes
         "shard_read_errors": n_shard_errors,
         "unreadable_shards": sorted(shard_errors)[:20],
+        # eval.every_epochs: the EMA model's top-1/top-5/loss at those epoch ends; the weights kept (eval.keep)
+        "periodic_eval": history, "best_epoch": best and best["epoch"], "best_top1": best and best["top1"],
+        "kept": "best" if s.eval_keep == "best" and best_ema is not None else "last",
         **job.extra_summary,
     }
     return ema.module, summary

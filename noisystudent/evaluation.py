@@ -26,6 +26,7 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     corrupt = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     k = min(5, num_classes)
     if mine:  # a process without shards still joins the reduce below, so it cannot hang it
         for batch in loader:
@@ -41,7 +42,9 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
             total += torch.bincount(labels, minlength=num_classes)
             correct += torch.bincount(labels[hit1], minlength=num_classes)
             top5 += (pred == labels[:, None]).any(dim=1).sum()
-    correct, total, top5, corrupt = (accelerator.reduce(t, "sum") for t in (correct, total, top5, corrupt))
+            loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+    correct, total, top5, corrupt, loss_sum = (accelerator.reduce(t, "sum")
+                                               for t in (correct, total, top5, corrupt, loss_sum))
     n = int(total.sum())
     per_class = [(int(c) / int(t) if int(t) else None) for c, t in zip(correct.tolist(), total.tolist())]
     return {
@@ -49,5 +52,6 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
         "corrupt_skipped": int(corrupt),
         "top1": float(correct.sum()) / n if n else 0.0,
         "top5": float(top5) / n if n else 0.0,
+        "loss": float(loss_sum) / n if n else float("nan"),  # mean cross-entropy (no label smoothing)
         "per_class_top1": per_class,
     }

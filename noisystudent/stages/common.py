@@ -34,14 +34,19 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     """Train, evaluate the EMA weights on data.eval, export them (main process); the step's summary.
     `after_training` (every process) may change the EMA model before that, and adds to the summary."""
     cfg, accelerator = run.cfg, run.accelerator
+    nc = num_classes(cfg)
+
+    def on_eval_set(model):
+        return evaluate(accelerator, model, shards(cfg, "eval"), nc, eval_transform(eval_img_size(model_info),
+                        cfg.data), int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
+                        worker_nice(cfg, accelerator.device))
+
+    job.evaluate = on_eval_set  # eval.every_epochs: the same evaluation during training
     ema_model, summary = fit(accelerator, job)
     t0 = time.time()
     if after_training is not None:
         summary = {**summary, **after_training(ema_model)}
-    nc = num_classes(cfg)
-    metrics = evaluate(accelerator, ema_model, shards(cfg, "eval"), nc, eval_transform(eval_img_size(model_info),
-                       cfg.data), int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
-                       worker_nice(cfg, accelerator.device))
+    metrics = on_eval_set(ema_model)
     info = {**model_info, "num_classes": nc, "params": count_params(ema_model)}
     summary = {
         "model": info,

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from ..config import DATA_KEYS, TrainSettings, read_settings, round_number, steps_per_epoch, train_settings, worker_nice
+from ..config import (
+    DATA_KEYS,
+    EVAL_KEYS,
+    TrainSettings,
+    read_settings,
+    round_number,
+    steps_per_epoch,
+    train_settings,
+    worker_nice,
+)
 from ..data.shards import SampleDecoder
 from ..data.streams import JoinPseudoLabels, labeled_batches, mixed_batches, pseudo_labeled_batches
 from ..data.transforms import train_transform
@@ -85,7 +94,7 @@ def reads(cfg: DictConfig) -> dict:
             drop.append(f"train.{key}")
     preset = student_model(cfg, int(cfg.round))
     return {**read_settings(cfg, ("seed", "precision", "max_steps", "round", "student", "train", "optim", "sched",
-                                  "data.labeled", "data.unlabeled", "data.eval", *DATA_KEYS), drop),
+                                  "data.labeled", "data.unlabeled", "data.eval", *DATA_KEYS, *EVAL_KEYS), drop),
             "student.model (resolved)": {k: preset.get(k) for k in ("name", "img_size", "test_img_size",
                                                                      "drop_rate", "drop_path_rate")}}
 

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from ..config import (
     DATA_KEYS,
+    EVAL_KEYS,
     TrainSettings,
     optional_positive_int,
     read_settings,
@@ -40,7 +41,7 @@ def settings(cfg: DictConfig) -> TeacherSettings:
 
 def reads(cfg: DictConfig) -> dict:
     return read_settings(cfg, ("seed", "precision", "max_steps", "model", "init", "train", "optim", "sched",
-                               "data.labeled", "data.eval", "data.labeled_samples", *DATA_KEYS))
+                               "data.labeled", "data.eval", "data.labeled_samples", *DATA_KEYS, *EVAL_KEYS))
 
 
 def inputs(cfg: DictConfig, s: TeacherSettings) -> dict:
