@@ -12,7 +12,11 @@ from .data.streams import make_loader, ordered_stream, rank_shards
 from .data.transforms import InputNormalizer, model_norm
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the model evaluated may be updated afterwards (the EMA model of a periodic
+# evaluation, its BatchNorm statistics then re-estimated), and a tensor made in inference mode cannot be
+# updated in place outside it. Seen with 2 processes: a fine-tune's EMA model left a periodic evaluation
+# holding inference tensors (its frozen parameters and its buffers) and update_bn failed on them.
+@torch.no_grad()
 def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, batch_size: int,
              num_workers: int, channels_last: bool = False, worker_nice: int = 0) -> dict:
     device = accelerator.device

@@ -63,7 +63,9 @@ def _loop_args(shards, run_dir, *extra):
             "train.batch_size=16", "train.epochs=4", "student.epochs=1", "train.shuffle_buffer=100",
             "pseudolabel.batch_size=4", "pseudolabel.threshold=0.26", "num_workers=1", "eval.batch_size=32",
             # the last round's student fine-tuned for a test at 28 px (the demo preset tests at its 32)
-            "finetune.img_size=28", *extra]
+            "finetune.img_size=28",
+            # the EMA model evaluated at every epoch end: a collective inside the training loop of 2 processes
+            "eval.every_epochs=1", *extra]
 
 
 def _launch(port: int, *args, **popen):
@@ -112,6 +114,8 @@ def test_two_process_iterate_on_shards(loop_run):
         assert pl["images_seen"] == 6 * 32 and pl["shards_labeled"] == 6 and pl["images_after_balancing"] > 0
         st = read_json(loop_run / f"round_{k}/student/summary.json")
         assert st["replicas_in_sync"] is True and st["eval"]["images"] == 64
+    assert [h["epoch"] for h in read_json(loop_run / "teacher/summary.json")["periodic_eval"]] == [1, 2, 3, 4]
+    assert all(h["top1"] >= 0 for h in read_json(loop_run / "teacher/summary.json")["periodic_eval"])
     ft = read_json(loop_run / "round_2/finetune/summary.json")
     assert ft["replicas_in_sync"] is True and ft["img_size"] == 28 and ft["eval"]["images"] == 64
     # 64 labeled images, 2 processes x batch 16: 2 batches on each for the BatchNorm statistics
