@@ -7,10 +7,12 @@ from pathlib import Path
 
 from .files import atomic_write, atomic_write_bytes, write_json
 from .models import eval_img_size
+from .tracking import read_metrics
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT = "accuracy.png"
+CURVES = "training_curves.png"
 
 
 def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir) -> dict:
@@ -31,7 +33,11 @@ def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str
     report = {"eval": eval_pattern, "rounds": rows, "notes": list(notes)}
     write_json(run_dir / REPORT_JSON, report)
     _plot(run_dir / PLOT, rows)
-    atomic_write_bytes(run_dir / REPORT_MD, markdown_table(rows, eval_pattern, notes).encode())
+    text = markdown_table(rows, eval_pattern, notes)
+    if _curves(run_dir / CURVES, rows):
+        text += ("\n## Training\n\nTraining loss per step (from each step's metrics.jsonl) and, with "
+                 f"eval.every_epochs, the EMA model's top-1 during training.\n\n![training curves]({CURVES})\n")
+    atomic_write_bytes(run_dir / REPORT_MD, text.encode())
     return report
 
 
@@ -75,3 +81,44 @@ def _plot(path: Path, rows: list[dict]) -> None:
     with atomic_write(path) as f:
         fig.savefig(f, format="png")
     plt.close(fig)
+
+
+def _label(row: dict) -> str:
+    return "teacher" if row["round"] == 0 else f"round {row['round']} {row['role']}"
+
+
+def _curves(path: Path, rows: list[dict]) -> bool:
+    """Loss against epoch for every step that logged metrics, and the periodic evaluations' top-1 when there
+    are any; False (no file) when no step has metrics (a run of an older version)."""
+    logs = [(_label(r), read_metrics(r["path"])) for r in rows if r.get("path")]
+    logs = [(label, recs) for label, recs in logs if recs]
+    if not logs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = any("eval_top1" in rec for _, recs in logs for rec in recs)
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(9 if evals else 5, 3.2), dpi=120, squeeze=False)
+    for label, recs in logs:
+        train = [r for r in recs if "loss" in r]
+        axes[0][0].plot([r["epoch"] for r in train], [r["loss"] for r in train], label=label)
+        if evals:
+            ev = [r for r in recs if "eval_top1" in r]
+            if ev:
+                axes[0][1].plot([r["epoch"] for r in ev], [100 * r["eval_top1"] for r in ev], "o-", label=label)
+    axes[0][0].set_xlabel("epoch")
+    axes[0][0].set_ylabel("training loss")
+    axes[0][0].legend(fontsize=7)
+    if evals:
+        axes[0][1].set_xlabel("epoch")
+        axes[0][1].set_ylabel("EMA top-1 during training (%)")
+        axes[0][1].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return True

@@ -118,8 +118,10 @@ def test_stream_applies_the_selection(labeled_run, digits_root):
 def test_iterate_one_round_end_to_end(tmp_path, digits_root, capsys):
     r = run("stage=iterate", "iterate.rounds=1", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST)
     for p in ("teacher/_SUCCESS", "round_1/pseudolabel/_SUCCESS", "round_1/student/_SUCCESS", "report.json",
-              "report.md", "accuracy.png"):
+              "report.md", "accuracy.png", "training_curves.png"):
         assert (tmp_path / p).exists(), p
+    assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![training curves](training_curves.png)" in (tmp_path / "report.md").read_text()
     report = read_json(tmp_path / "report.json")
     assert [row["round"] for row in report["rounds"]] == [0, 1]
     assert report["rounds"][1]["gain_over_teacher"] == pytest.approx(
