@@ -92,6 +92,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         OmegaConf.resolve(cfg)
         run_stage(cfg)
+        close_process_group()
     except NoisyStudentError as e:
         # caught here, inside hydra.main, which would otherwise print it with its own advice and exit 1
         print(f"noisystudent error: {_user_message(e)}", file=sys.stderr)
@@ -100,6 +101,16 @@ def _hydra_main(cfg: DictConfig) -> None:
     except BaseException:
         end_child_processes()  # then Hydra prints the traceback (a bug, not a user error) and exits 1
         raise
+
+
+def close_process_group() -> None:
+    """Tear the process group down once every process finished the stage (they all passed its last barrier),
+    instead of leaving it to interpreter exit, where a rank was seen to abort ("terminate called without an
+    active exception") under torchrun on a loaded machine."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _user_message(exc: BaseException) -> str:

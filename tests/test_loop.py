@@ -91,7 +91,7 @@ def _report(run_dir):
 def _outputs(run_dir):
     """Every file a step wrote with its mtime: what a no-op rerun must leave untouched."""
     return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()
-            and p.name not in ("report.json", "report.md", "accuracy.png")}
+            and p.name not in ("report.json", "report.md", "accuracy.png", "training_curves.png")}
 
 
 @pytest.fixture(scope="module")
