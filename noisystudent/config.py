@@ -49,11 +49,11 @@ def optional_positive_int(cfg: DictConfig, key: str) -> int | None:
     return None if OmegaConf.select(cfg, key) is None else positive_int(cfg, key)
 
 
-def round_number(cfg: DictConfig) -> int:
-    """`round` for a pseudolabel or student step: round K is labeled by the model that finished K-1."""
+def round_number(cfg: DictConfig, why: str = "round 1 is labeled by the teacher") -> int:
+    """`round` of a per-round step (pseudolabel, student, finetune): an integer >= 1; `why` says why to the user."""
     value = cfg.get("round")
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"round={value!r} must be an integer >= 1 (round 1 is labeled by the teacher)")
+        raise ConfigError(f"round={value!r} must be an integer >= 1 ({why})")
     return value
 
 

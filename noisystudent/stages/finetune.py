@@ -28,6 +28,7 @@ from ..config import (
     optional_positive_int,
     positive_float,
     read_settings,
+    round_number,
     steps_per_epoch,
     train_settings,
     worker_nice,
@@ -58,13 +59,6 @@ class FinetuneSettings:
     labeled_samples: int | None
 
 
-def check_round(cfg: DictConfig) -> int:
-    value = cfg.get("round")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"round={value!r}: stage=finetune fine-tunes round K's student, K >= 1")
-    return value
-
-
 def settings(cfg: DictConfig) -> FinetuneSettings:
     f = cfg.finetune
     if f.freeze != "auto" and (not isinstance(f.freeze, int) or isinstance(f.freeze, bool) or f.freeze < 0):
@@ -85,7 +79,7 @@ def settings(cfg: DictConfig) -> FinetuneSettings:
     sched = {**base.sched, "warmup_epochs": 0}
     return FinetuneSettings(
         train=dataclasses.replace(base, randaugment=None, optim=optim, sched=sched),
-        round=check_round(cfg),
+        round=round_number(cfg, "stage=finetune fine-tunes round K's student, K >= 1"),
         num_classes=num_classes(cfg),
         img_size=optional_positive_int(cfg, "finetune.img_size"),
         freeze=f.freeze,
