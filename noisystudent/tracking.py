@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from .errors import ConfigError
@@ -43,6 +44,13 @@ def _tracker(kind: str, step_dir: Path, first_step: int):
 
     name = step_dir.name if step_dir.parent.name in ("", ".") else f"{step_dir.parent.name}/{step_dir.name}"
     if kind == "tensorboard":
+        # TensorBoard reads a folder's event files in name order (events.out.tfevents.<seconds>.<host>...) and
+        # applies the last purge it reads: a resumed run's file must sort after the killed run's, so it waits
+        # for the next second when that run started in this one
+        old = [int(p.name.split(".")[3]) for p in (step_dir / TENSORBOARD).glob("events.out.tfevents.*")
+               if p.name.split(".")[3].isdigit()]
+        while old and time.time() < max(old) + 1:
+            time.sleep(0.05)
         # events of steps >= first_step that a killed run wrote are dropped when this writer starts
         return tracking.TensorBoardTracker(TENSORBOARD, step_dir, purge_step=first_step)
     if kind == "wandb":
