@@ -143,11 +143,11 @@ def periodic_eval(job: TrainJob, ema, step: int, history: list, best_ema: dict |
     history and the metrics; returns the best evaluation's EMA weights (on the host) when they are kept."""
     epoch = step // job.steps_per_epoch
     m = job.evaluate(ema.module)
-    record = {"epoch": epoch, "step": step, "top1": m["top1"], "top5": m["top5"], "loss": m["loss"]}
+    record = {"epoch": epoch, "step": step, "top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "ece": m["ece"]}
     log.info("%s epoch %d: EMA top-1 %.4f, top-5 %.4f, loss %.4f", job.step_dir.name, epoch, m["top1"], m["top5"],
              m["loss"])
     metrics.log({"step": step, "epoch": float(epoch), "eval_top1": m["top1"], "eval_top5": m["top5"],
-                 "eval_loss": m["loss"]})
+                 "eval_loss": m["loss"], "eval_ece": m["ece"]})
     is_best = all(m["top1"] > h["top1"] for h in history)
     history.append(record)
     if keep_best and is_best:

@@ -1,4 +1,5 @@
-"""Top-1 / top-5 / per-class accuracy, each eval image counted exactly once across processes.
+"""Top-1 / top-5 / per-class accuracy and calibration (NLL, expected calibration error, the reliability
+diagram's bins), each eval image counted exactly once across processes.
 
 Every process reads a disjoint set of eval shards (split by node, then by worker), sums its
 counts, and the sums are all-reduced: no padding, no duplicated samples at the end of the set."""
@@ -11,14 +12,19 @@ from .data.shards import SampleDecoder
 from .data.streams import make_loader, ordered_stream, rank_shards
 from .data.transforms import InputNormalizer, model_norm
 
-
 # no_grad, not inference_mode: the model evaluated may be updated afterwards (the EMA model of a periodic
 # evaluation, its BatchNorm statistics then re-estimated), and a tensor made in inference mode cannot be
 # updated in place outside it. Seen with 2 processes: a fine-tune's EMA model left a periodic evaluation
 # holding inference tensors (its frozen parameters and its buffers) and update_bn failed on them.
+ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) measure expected calibration error
+
+
 @torch.no_grad()
 def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, batch_size: int,
-             num_workers: int, channels_last: bool = False, worker_nice: int = 0) -> dict:
+             num_workers: int, channels_last: bool = False, worker_nice: int = 0, temperature: float = 1.0,
+             nll_temperatures: torch.Tensor | None = None) -> dict:
+    """Metrics of `model` on the labeled shards `urls`; probabilities are softmax(logits / temperature).
+    `nll_temperatures`: also the mean NLL at each of these temperatures ("nll_at", for calibration.py)."""
     device = accelerator.device
     model = model.to(device).eval()
     decoder = SampleDecoder(transform, num_classes, labeled=True)
@@ -31,6 +37,10 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
     top5 = torch.zeros((), dtype=torch.long, device=device)
     corrupt = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # reliability diagram: images, right answers and summed confidence per confidence bin
+    rel = torch.zeros((3, ECE_BINS), dtype=torch.float64, device=device)
+    temps = None if nll_temperatures is None else nll_temperatures.to(device, torch.float64)
+    nll_at = None if temps is None else torch.zeros(len(temps), dtype=torch.float64, device=device)
     k = min(5, num_classes)
     if mine:  # a process without shards still joins the reduce below, so it cannot hang it
         for batch in loader:
@@ -46,9 +56,19 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
             total += torch.bincount(labels, minlength=num_classes)
             correct += torch.bincount(labels[hit1], minlength=num_classes)
             top5 += (pred == labels[:, None]).any(dim=1).sum()
-            loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
-    correct, total, top5, corrupt, loss_sum = (accelerator.reduce(t, "sum")
-                                               for t in (correct, total, top5, corrupt, loss_sum))
+            scaled = logits.float() / temperature
+            loss_sum += torch.nn.functional.cross_entropy(scaled, labels, reduction="sum").double()
+            conf = torch.softmax(scaled, dim=1).amax(dim=1).double()
+            bins = (conf * ECE_BINS).long().clamp_(max=ECE_BINS - 1)
+            rel[0] += torch.bincount(bins, minlength=ECE_BINS)
+            rel[1] += torch.bincount(bins, weights=hit1.double(), minlength=ECE_BINS)
+            rel[2] += torch.bincount(bins, weights=conf, minlength=ECE_BINS)
+            if temps is not None:  # [T, B, C]: the NLL of the batch at every temperature at once
+                z = logits.double()[None] / temps[:, None, None]
+                true_logit = z.gather(2, labels.view(1, -1, 1).expand(len(temps), -1, 1)).squeeze(2)
+                nll_at += (torch.logsumexp(z, dim=2) - true_logit).sum(dim=1)
+    correct, total, top5, corrupt, loss_sum, rel = (accelerator.reduce(t, "sum")
+                                                    for t in (correct, total, top5, corrupt, loss_sum, rel))
     n = int(total.sum())
     per_class = [(int(c) / int(t) if int(t) else None) for c, t in zip(correct.tolist(), total.tolist())]
     return {
@@ -58,4 +78,13 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
         "top5": float(top5) / n if n else 0.0,
         "loss": float(loss_sum) / n if n else float("nan"),  # mean cross-entropy (no label smoothing)
         "per_class_top1": per_class,
+        "nll": float(loss_sum) / n if n else float("nan"),  # the loss, named as calibration reports it
+        "ece": float((rel[1] - rel[2]).abs().sum()) / n if n else float("nan"),
+        "reliability": {"bins": ECE_BINS, "images": [int(v) for v in rel[0].tolist()],
+                        "accuracy": _ratios(rel[1], rel[0]), "confidence": _ratios(rel[2], rel[0])},
+        **({"nll_at": (accelerator.reduce(nll_at, "sum") / max(n, 1)).tolist()} if nll_at is not None else {}),
     }
+
+
+def _ratios(num: torch.Tensor, den: torch.Tensor) -> list[float | None]:
+    return [(a / b if b else None) for a, b in zip(num.tolist(), den.tolist(), strict=True)]
