@@ -36,15 +36,19 @@ class Decoding:
 
 def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str], transform, resize_crop,
               how: Decoding, topk: int, temperature: float = 1.0, read: Callable = read_tar,
-              counts: dict | None = None) -> Iterator[dict]:
+              counts: dict | None = None, num_classes: int | None = None, audit_classes: bool = False,
+              raw_temperature: float | None = None) -> Iterator[dict]:
     """Yield, source by source, {"source", "keys", "corrupt", "topk_ids", "topk_probs", "confidence",
-    "argmax"} (the arrays as label files store them), or {"source", "error"} for a source that cannot be
-    read. `counts` receives the device decoder's counts (decode=gpu)."""
+    "argmax", "cls", "confidence_raw"} (the arrays as label files store them), or {"source", "error"} for a
+    source that cannot be read. "cls": each image's class from its sample's `cls` (-1 where it has none;
+    audit_classes=True, else all -1); "confidence_raw": the top-1 probability at `raw_temperature` (None when
+    it is not given: the temperature was not changed by a calibration). `counts` receives the device
+    decoder's counts (decode=gpu)."""
     device = accelerator.device
     # PIL draft decoding DCT-scales a JPEG by 1/2, 1/4 or 1/8 while staying at or above the size asked for:
     # ask for the resize target (not the crop), so the bicubic resize after it never enlarges the image
     draft = resize_target(resize_crop) if how.jpeg_draft else None
-    cpu_decoder = SampleDecoder(transform, None, labeled=False, draft_size=draft)
+    cpu_decoder = SampleDecoder(transform, num_classes, labeled=False, draft_size=draft, audit_classes=audit_classes)
     device_decoder = None
     found = jpeg_decoder(device) if how.decode == "gpu" else None
     if how.decode == "gpu" and found is None:
@@ -61,18 +65,23 @@ def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str]
     parts: dict[str, list] = {}
     corrupt: dict[str, list[str]] = {}
 
-    def finish(source: str, keys: list[str], last: bool, top) -> dict | None:
+    def finish(source: str, keys: list[str], labels: list[int], last: bool, top) -> dict | None:
         """Host side of a batch: its top-k read from the device; a source's results once its last batch is in."""
         if keys:
-            parts.setdefault(source, []).append((keys, *topk_arrays(*top)))
+            raw = top[2].cpu().numpy() if top[2] is not None else np.full(len(keys), np.nan, np.float32)
+            parts.setdefault(source, []).append((keys, *topk_arrays(*top[:2]), np.array(labels, np.int32), raw))
         if not last:
             return None
         chunks = parts.pop(source, [])
-        arrays = [np.concatenate([c[i] for c in chunks]) if chunks else None for i in range(1, 5)]
-        return {"source": source, "keys": [k for c in chunks for k in c[0]], "corrupt": corrupt.pop(source, []),
-                **dict(zip(("topk_ids", "topk_probs", "confidence", "argmax"), arrays, strict=True))}
+        arrays = [np.concatenate([c[i] for c in chunks]) if chunks else None for i in range(1, 7)]
+        names = ("topk_ids", "topk_probs", "confidence", "argmax", "cls", "confidence_raw")
+        out = {"source": source, "keys": [k for c in chunks for k in c[0]], "corrupt": corrupt.pop(source, []),
+               **dict(zip(names, arrays, strict=True))}
+        if raw_temperature is None:
+            out["confidence_raw"] = None
+        return out
 
-    pending = None  # the previous batch: (source, keys, last, top-k on the device)
+    pending = None  # the previous batch: (source, keys, labels, last, (top-k ids, probs, raw confidence) on device)
     with torch.inference_mode():
         for batch in loader:
             source = batch["shard"]
@@ -85,19 +94,24 @@ def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str]
                 yield {"source": source, "error": batch["error"]}
                 continue
             corrupt.setdefault(source, []).extend(batch["corrupt_keys"])
+            labels = batch["labels"].tolist()  # one per row of batch["keys"]
             if device_decoder is not None:
                 images, keys, found_corrupt = device_decoder(batch)
                 corrupt[source].extend(found_corrupt)
+                if found_corrupt:  # rows the device could not decode are gone: keep the labels of the rest
+                    by_key = dict(zip(batch["keys"], labels, strict=True))
+                    labels = [by_key[k] for k in keys]
             else:
                 images, keys = batch["images"].to(device, non_blocking=True), batch["keys"]
             top = None
             if images.numel():
                 with accelerator.autocast():
-                    logits = model(normalize(images))
-                top = topk_on_device(torch.softmax(logits.float() / temperature, dim=1), topk)
+                    logits = model(normalize(images)).float()
+                raw = None if raw_temperature is None else torch.softmax(logits / raw_temperature, 1).amax(1)
+                top = (*topk_on_device(torch.softmax(logits / temperature, dim=1), topk), raw)
             if pending and (done := finish(*pending)):
                 yield done
-            pending = (source, keys if top is not None else [], batch["last"], top)
+            pending = (source, keys if top is not None else [], labels, batch["last"], top)
         if pending and (done := finish(*pending)):
             yield done
     if counts is not None and device_decoder is not None:

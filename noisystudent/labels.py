@@ -6,6 +6,8 @@ Format: safetensors (byte-for-byte deterministic, read array by array without lo
     confidence float32[n] (top-1 probability), argmax int32[n]
     keyhash uint64[n]     a stable hash of the key: deterministic tie-break for balancing
     corrupt_utf8 / corrupt_offsets   keys of images that did not decode (skipped)
+    cls int32[n]          (only when a sample carried one) its true class, -1 where none: for the audit
+    confidence_raw float32[n]   (only with pseudolabel.calibrate) the top-1 probability before calibration
 metadata: shard, num_classes, topk, temperature, hard, images, corrupt.
 Written under a temporary name and renamed when whole, so a file that exists is complete."""
 
@@ -32,14 +34,14 @@ def shard_stem(url: str) -> str:
     return name[:-4] if name.endswith(".tar") else name
 
 
-def label_paths(urls: list[str], labels_dir: str | os.PathLike) -> dict[str, Path]:
+def label_paths(urls: list[str], labels_dir: str | os.PathLike, key: str = "data.unlabeled") -> dict[str, Path]:
     """url -> its label file. Shard file names must be unique (they name the label files)."""
     out: dict[str, Path] = {}
     seen: dict[str, str] = {}
     for u in urls:
         stem = shard_stem(u)
         if stem in seen:
-            raise DataError(f"data.unlabeled: shards {seen[stem]} and {u} have the same file name; label files "
+            raise DataError(f"{key}: shards {seen[stem]} and {u} have the same file name; label files "
                             "are named after shards, so give the shards unique names")
         seen[stem] = u
         out[u] = Path(labels_dir) / f"{stem}{SUFFIX}"
@@ -82,7 +84,8 @@ def topk_arrays(ids, vals):
 
 def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_ids: np.ndarray,
                      topk_probs: np.ndarray, confidence: np.ndarray, argmax: np.ndarray,
-                     corrupt_keys: list[str], meta: dict) -> None:
+                     corrupt_keys: list[str], meta: dict, extra: dict[str, np.ndarray] | None = None) -> None:
+    """`extra`: the optional arrays (cls, confidence_raw), one value per key."""
     kb, ko = _encode_strings(keys)
     cb, co = _encode_strings(corrupt_keys)
     n = len(keys)
@@ -97,6 +100,8 @@ def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_
         "keyhash": key_hash(keys),
         "corrupt_utf8": cb, "corrupt_offsets": co,
     }
+    for name, arr in (extra or {}).items():
+        tensors[name] = np.ascontiguousarray(arr, dtype=np.int32 if name == "cls" else np.float32).reshape(n)
     metadata = {k: str(v) for k, v in meta.items()}
     metadata.update(shard=shard, images=str(n), corrupt=str(len(corrupt_keys)))
     # one metadata entry holding sorted JSON: safetensors writes several entries in hash-map
@@ -118,6 +123,9 @@ class LabelFile:
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._f.get_tensor(name)
+
+    def has(self, name: str) -> bool:
+        return name in self._f.keys()  # noqa: SIM118 - safe_open has keys(), no __contains__
 
     @property
     def num_classes(self) -> int:

@@ -95,7 +95,7 @@ class RawJpegDecoder:
                 ok = False
             if ok:
                 return {"key": sample["__key__"], "url": sample.get("__url__", "?"), "jpeg": data, "image": None,
-                        "label": -1, "error": None}
+                        "label": self.cpu.label_of(sample), "error": None}
         out = self.cpu(sample)
         out["cpu_fallback"] = out["image"] is not None
         return out
@@ -109,6 +109,7 @@ def collate_raw(samples: list[dict]) -> dict:
     jpegs = [s["jpeg"] for s in kept if s.get("jpeg") is not None]
     batch.update(
         keys=[s["key"] for s in kept],
+        labels=torch.tensor([s["label"] for s in kept], dtype=torch.long),  # rows in shard order, as keys
         jpeg_bytes=torch.from_numpy(np.frombuffer(b"".join(jpegs), dtype=np.uint8).copy()),
         jpeg_sizes=[len(j) for j in jpegs],
         # rows of the batch: which ones are raw JPEGs (the others are batch["images"], in order)

@@ -1,9 +1,10 @@
 """The embedded demo data: scikit-learn's handwritten digits (ships with sklearn, no download).
 
 Materialized on first use into labeled / unlabeled / eval shards: a stratified eval split, then
-`labels_per_class` labeled images per class, the rest unlabeled (their class is not written:
-unlabeled shards carry images only). Few labels per class leave the teacher well short of a
-fully supervised model, which is the gap the students should close."""
+`labels_per_class` labeled images per class, the rest unlabeled. The unlabeled shards keep each
+image's class in `cls`, as a user holding back part of a labeled set would: training never reads it, the
+pseudo-label audit does (how often the teacher's labels are right, per round). Few labels per class
+leave the teacher well short of a fully supervised model, which is the gap the students should close."""
 
 from __future__ import annotations
 
@@ -64,8 +65,7 @@ def materialize(cfg_data) -> Path:
             def samples(chunk=chunk, part=part):
                 for i in chunk:
                     sample = {"__key__": f"digit{i:05d}", "png": encode_png(Image.fromarray(images[i], "L"))}
-                    if part != "unlabeled":
-                        sample["cls"] = str(int(digits.target[i])).encode()
+                    sample["cls"] = str(int(digits.target[i])).encode()  # unlabeled: for the audit only
                     yield sample
 
             counts[name] = write_shard(root / name, samples())

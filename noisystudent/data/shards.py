@@ -137,17 +137,32 @@ def parse_label(sample: dict, num_classes: int) -> int:
 
 class SampleDecoder:
     """Turn a raw webdataset sample into (key, image or None, label); the image is the transform's
-    HWC uint8 array (transforms.py).
+    HWC uint8 array (transforms.py). labeled=True: `cls` is required; labeled=False: the label is -1, or with
+    audit_classes=True the sample's `cls` where it has one (unlabeled shards may carry their true class to
+    audit the pseudo-labels: it is recorded beside them, never trained on).
 
     A sample with no image entry at all is an error (the shards are not image shards); an image
     entry that does not decode is a corrupt image: returned with image None and the reason, counted,
     dropped. Only decoding is guarded: an exception in the transform is a bug and propagates as one."""
 
-    def __init__(self, transform: Callable, num_classes: int | None, labeled: bool, draft_size: int | None = None):
+    def __init__(self, transform: Callable, num_classes: int | None, labeled: bool, draft_size: int | None = None,
+                 audit_classes: bool = False):
         self.transform = transform
         self.num_classes = num_classes
         self.labeled = labeled
         self.draft_size = draft_size
+        self.audit_classes = audit_classes
+
+    def label_of(self, sample: dict) -> int:
+        if self.labeled:
+            return parse_label(sample, self.num_classes)
+        if not self.audit_classes or sample.get("cls") is None:
+            return -1
+        try:
+            return parse_label(sample, self.num_classes)
+        except DataError as e:
+            raise DataError(f"{e}. The cls of unlabeled samples is read to audit the pseudo-labels; if these shards' "
+                            "cls are not classes of this dataset, set pseudolabel.audit=false") from None
 
     def __call__(self, sample: dict) -> dict:
         ext = image_key(sample)
@@ -158,7 +173,7 @@ class SampleDecoder:
                 f"shard {url}, sample {key!r}: no image entry (expected one of {', '.join(IMAGE_EXTS)}; "
                 f"found {found}). Shards must hold images: make them with stage=import"
             )
-        label = parse_label(sample, self.num_classes) if self.labeled else -1
+        label = self.label_of(sample)
         out = {"key": key, "url": url, "image": None, "label": label, "error": None}
         try:
             image = decode_image(sample[ext], self.draft_size)

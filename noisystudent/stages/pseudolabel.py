@@ -3,7 +3,12 @@
 Each process takes a disjoint set of shards (shards[rank::world]) and writes one label file per
 shard; a file is renamed into place only when whole, and a rerun skips shards that have one, so
 a killed job loses only the shards in flight. Then the main process computes the selection
-(confidence filter + class balancing) from per-class statistics and writes selection.json."""
+(confidence filter + class balancing) from per-class statistics and writes selection.json.
+
+With pseudolabel.calibrate the teacher's temperature is first fitted on held-out labeled images
+(calibration.py; kept in calibration.json, so a rerun labels its remaining shards with the same one).
+Where samples carry a `cls` (the unlabeled shards', or the separate audit shards of data.audit, which
+are labeled like the others but never selected), the labels are audited against it (audit.py)."""
 
 from __future__ import annotations
 
@@ -16,24 +21,31 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ..audit import audit_label_files, plot_audits
+from ..calibration import fit_temperature
 from ..config import DATA_SPLIT_KEYS, positive_int, read_settings, round_number, worker_nice
 from ..data.streams import rank_shards
 from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm
 from ..engine import peak_device_memory_mib
 from ..errors import ConfigError, DataError
-from ..files import atomic_write, read_json, write_json
+from ..evaluation import evaluate
+from ..files import read_json, write_json
 from ..inference import prepare
 from ..labeling import Decoding, run_model
 from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, write_label_file
 from ..models import check_num_classes, eval_img_size, load_exported_model
+from ..plots import pct, pyplot, save_png
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
-from ..selection import HIST_BINS, class_statistics, select
+from ..selection import HIST_BINS, Selection, class_statistics, select
 from .common import num_classes, shards
 from .contract import Step, StepRun
 
 log = logging.getLogger(__name__)
 
 SELECTION = "selection.json"
+CALIBRATION = "calibration.json"
+AUDIT_PLOT = "audit.png"
+AUDIT_LABELS = "audit"  # label files of data.audit's shards, beside labels/ (never read by the student)
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class LabelSettings:
     compile: bool
     decode: str  # cpu | gpu (auto is resolved for the device before the step: config.resolve_device_settings)
     jpeg_draft: bool
+    audit: bool  # read the unlabeled samples' cls (where present) to audit the pseudo-labels
+    calibrate: bool
 
 
 def settings(cfg: DictConfig) -> LabelSettings:
@@ -66,18 +80,26 @@ def settings(cfg: DictConfig) -> LabelSettings:
         raise ConfigError(f"pseudolabel.per_class={p.per_class!r}: use auto or a positive integer")
     if p.decode not in ("cpu", "gpu"):
         raise ConfigError(f"pseudolabel.decode={p.decode!r}: use auto (gpu on a CUDA device, else cpu), cpu or gpu")
+    for key in ("audit", "calibrate"):
+        if not isinstance(p.get(key), bool):
+            raise ConfigError(f"pseudolabel.{key}={p.get(key)!r}: use true or false")
+    if p.calibrate and float(p.temperature) != 1.0:
+        raise ConfigError(f"pseudolabel.calibrate=true fits the temperature itself; pseudolabel.temperature="
+                          f"{p.temperature} would be overridden: leave it at 1.0, or set calibrate=false")
     nc = num_classes(cfg)
     return LabelSettings(round_number(cfg), nc, float(p.threshold), min(int(p.topk), nc), float(p.temperature),
                          bool(p.hard), bool(p.balance), p.per_class, positive_int(cfg, "pseudolabel.batch_size"),
                          bool(p.strict_shards), bool(p.fuse_bn), bool(p.compile), str(p.decode),
-                         bool(p.jpeg_draft))
+                         bool(p.jpeg_draft), bool(p.audit), bool(p.calibrate))
 
 
 def reads(cfg: DictConfig) -> dict:
     return read_settings(cfg, ("round", "data.unlabeled", "data.num_classes", "data.crop_pct", *DATA_SPLIT_KEYS,
                                "pseudolabel.threshold", "pseudolabel.topk",
                                "pseudolabel.temperature", "pseudolabel.hard", "pseudolabel.balance",
-                               "pseudolabel.per_class", "pseudolabel.decode"))
+                               "pseudolabel.per_class", "pseudolabel.decode", "pseudolabel.audit",
+                               "pseudolabel.calibrate", "data.audit",
+                               *(("data.calibration",) if cfg.pseudolabel.get("calibrate") else ())))
 
 
 def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
@@ -86,8 +108,20 @@ def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
     check_num_classes(info["num_classes"], s.num_classes, f"the round-{prev} model "
                       f"({model_dir_for_round(cfg.run_dir, prev)})", "label with a model of the same classes")
     urls = shards(cfg, "unlabeled")
-    paths = label_paths(urls, pseudolabel_dir(cfg.run_dir, s.round) / "labels")
-    return {"model": model, "info": info, "urls": urls, "paths": paths}
+    out = pseudolabel_dir(cfg.run_dir, s.round)
+    paths = label_paths(urls, out / "labels")
+    audit_urls = shards(cfg, "audit") if cfg.data.get("audit") else []
+    both = set(urls) & set(audit_urls)
+    if both:
+        raise ConfigError(f"data.audit and data.unlabeled share shard {sorted(both)[0]}: audit shards are never "
+                          "trained on, so they must be separate from the unlabeled ones")
+    audit_paths = label_paths(audit_urls, out / AUDIT_LABELS, "data.audit")
+    calibration = None
+    if s.calibrate:
+        key = "data.calibration" if cfg.data.get("calibration") else "data.eval"
+        calibration = (key, shards(cfg, key.split(".")[1]))
+    return {"model": model, "info": info, "urls": urls, "paths": paths, "audit_urls": audit_urls,
+            "audit_paths": audit_paths, "calibration": calibration}
 
 
 def error_path(label_path: Path) -> Path:
@@ -95,15 +129,19 @@ def error_path(label_path: Path) -> Path:
     return label_path.with_name(label_path.name.replace(SUFFIX, ERROR_SUFFIX))
 
 
-def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNormalizer, todo: list[str]) -> dict:
-    """Label the shards in `todo` (this process's share), one label file per shard; this process's counts."""
-    p, cfg, accelerator, paths = run.settings, run.cfg, run.accelerator, run.inputs["paths"]
+def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNormalizer, todo: list[str],
+                 audit_classes: bool, stats: dict) -> None:
+    """Label the shards in `todo` (this process's share), one label file per shard, adding to this process's
+    counts in `stats`; audit_classes: keep the samples' cls in the label files."""
+    p, cfg, accelerator = run.settings, run.cfg, run.accelerator
+    paths = {**run.inputs["paths"], **run.inputs["audit_paths"]}
     how = Decoding(p.decode, p.jpeg_draft, p.batch_size, int(cfg.num_workers), worker_nice(cfg, accelerator.device))
-    meta = {"num_classes": p.num_classes, "topk": p.topk, "temperature": p.temperature, "hard": p.hard}
-    stats = {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
+    temperature = run.inputs["temperature"]
+    meta = {"num_classes": p.num_classes, "topk": p.topk, "temperature": temperature, "hard": p.hard}
     counts: dict = {}
-    for done in run_model(accelerator, model, normalize, todo, transform, resize_crop, how, p.topk, p.temperature,
-                          counts=counts):
+    for done in run_model(accelerator, model, normalize, todo, transform, resize_crop, how, p.topk, temperature,
+                          counts=counts, num_classes=p.num_classes, audit_classes=audit_classes,
+                          raw_temperature=1.0 if p.calibrate else None):
         url = done["source"]
         if "error" in done:
             if p.strict_shards:
@@ -113,21 +151,23 @@ def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNo
             stats["unreadable"][url] = done["error"]
             write_json(error_path(paths[url]), {"shard": url, "error": done["error"]})
             continue
+        extra = {}
+        if done["cls"] is not None and (done["cls"] >= 0).any():
+            extra["cls"] = done["cls"]
+        if done["confidence_raw"] is not None:
+            extra["confidence_raw"] = done["confidence_raw"]
         write_label_file(paths[url], url, done["keys"], done["topk_ids"], done["topk_probs"], done["confidence"],
-                         done["argmax"], done["corrupt"], meta)
+                         done["argmax"], done["corrupt"], meta, extra)
         stats["images"] += len(done["keys"])
         stats["corrupt"] += len(done["corrupt"])
         stats["shards_done"] += 1
-    if counts:
-        stats["decode"] = counts
-    return stats
+    decode = stats.setdefault("decode", {})  # the device decoder's counts, over both calls
+    for k, v in counts.items():
+        decode[k] = v if isinstance(v, str) else decode.get(k, 0) + v
 
 
 def plot_selection(out: Path, hist: np.ndarray, sel: dict, threshold: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
     edges = np.linspace(0, 1, HIST_BINS + 1)
@@ -142,24 +182,25 @@ def plot_selection(out: Path, hist: np.ndarray, sel: dict, threshold: float) -> 
     b.set_xlabel("class")
     b.set_ylabel("images")
     b.legend()
-    fig.tight_layout()
-    with atomic_write(out / "selection.png") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, out / "selection.png")
 
 
 def work(run: StepRun) -> dict:
     cfg, accelerator, s = run.cfg, run.accelerator, run.settings
     model, info, urls, paths = (run.inputs[k] for k in ("model", "info", "urls", "paths"))
-    labels_dir = run.out / "labels"
-    labels_dir.mkdir(parents=True, exist_ok=True)
+    audit_urls, audit_paths = run.inputs["audit_urls"], run.inputs["audit_paths"]
+    (run.out / "labels").mkdir(parents=True, exist_ok=True)
+    if audit_urls:
+        (run.out / AUDIT_LABELS).mkdir(parents=True, exist_ok=True)
     mine = rank_shards(urls, accelerator.process_index, accelerator.num_processes)
     todo = [u for u in mine if not paths[u].exists()]
+    audit_todo = [u for u in rank_shards(audit_urls, accelerator.process_index, accelerator.num_processes)
+                  if not audit_paths[u].exists()]
     if len(urls) < accelerator.num_processes:
         log.warning("%d unlabeled shards for %d processes: some processes have nothing to label", len(urls),
                     accelerator.num_processes)
-    log.info("labeling %d of %d shards on this process (%d already labeled)", len(todo), len(mine),
-             len(mine) - len(todo))
+    log.info("labeling %d of %d shards on this process (%d already labeled)%s", len(todo), len(mine),
+             len(mine) - len(todo), f", and {len(audit_todo)} audit shards" if audit_todo else "")
 
     img_size = eval_img_size(info)
     transform = eval_transform(img_size, cfg.data)
@@ -167,9 +208,15 @@ def work(run: StepRun) -> dict:
     example = torch.randn(2, 3, img_size, img_size)
     model, applied = prepare(model, example, s.fuse_bn, bool(cfg.channels_last), s.compile)
     model = model.to(accelerator.device)
+    calibration = calibrate(run, model, transform) if s.calibrate else None
+    run.inputs["temperature"] = calibration["temperature"] if calibration else s.temperature
     t0 = time.time()
-    stats = label_shards(run, model, transform, eval_resize_crop(img_size, cfg.data), normalize,
-                         todo) if todo else {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
+    stats = {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
+    resize_crop = eval_resize_crop(img_size, cfg.data)
+    if todo:
+        label_shards(run, model, transform, resize_crop, normalize, todo, s.audit, stats)
+    if audit_todo:
+        label_shards(run, model, transform, resize_crop, normalize, audit_todo, True, stats)
     wall = time.time() - t0
     counts = stats.get("decode", {})
     labeled_now, device_decoded, cpu_fallback = (int(v) for v in accelerator.reduce(torch.tensor(
@@ -184,7 +231,60 @@ def work(run: StepRun) -> dict:
     accelerator.wait_for_everyone()  # every label file is written
     if not accelerator.is_main_process:
         return {}
-    return select_and_summarize(s, run.out, urls, paths, info, applied, labeled_now, wall, accelerator.num_processes)
+    summary = select_and_summarize(s, run.out, urls, paths, info, applied, labeled_now, wall,
+                                   accelerator.num_processes)
+    summary["temperature"] = run.inputs["temperature"]  # the one the labels were made with
+    return {**summary, **audit_and_calibration(s, run.out, urls, paths, audit_urls, audit_paths, calibration)}
+
+
+def calibrate(run: StepRun, model, transform) -> dict:
+    """The teacher's temperature: fitted on held-out labeled images (every process takes part), or read
+    from calibration.json when an earlier run of this step fitted it (its labels used that one)."""
+    path = run.out / CALIBRATION
+    done = path.exists()
+    run.accelerator.wait_for_everyone()  # every process reads the same answer before the main one writes
+    if done:
+        found = read_json(path)
+        log.info("calibration: temperature %.4f from %s (fitted by an earlier run of this step)",
+                 found["temperature"], path)
+        return found
+    cfg, accelerator = run.cfg, run.accelerator
+    key, urls = run.inputs["calibration"]
+
+    def measure(temperature, grid):
+        return evaluate(accelerator, model, urls, run.settings.num_classes, transform, int(cfg.eval.batch_size),
+                        int(cfg.num_workers), bool(cfg.channels_last), worker_nice(cfg, accelerator.device),
+                        temperature=temperature, nll_temperatures=grid)
+
+    found = fit_temperature(measure, key)
+    if accelerator.is_main_process:
+        write_json(path, found)
+    return found
+
+
+def audit_and_calibration(s: LabelSettings, out: Path, urls, paths, audit_urls, audit_paths,
+                          calibration: dict | None) -> dict:
+    """Main process: the audit of every labeled set with classes (summary keys, audit.png) and the
+    calibration's record."""
+    selection = Selection.from_json(read_json(out / SELECTION))
+    sets = {"unlabeled": (urls, paths), "audit_set": (audit_urls, audit_paths)}
+    audits = {}
+    for name, (u, p) in sets.items():
+        files = [LabelFile(p[x]) for x in u if p[x].exists()]
+        found = audit_label_files(files, selection, s.num_classes) if files else None
+        if found is not None:
+            audits[name] = found
+            kept, after = found["kept_by_threshold"], found["after_balancing"]
+            log.info("pseudo-label audit (%s, %d images with a class): %.1f%% right; kept by threshold %d, %s right; "
+                     "after balancing %d, %s right", name, found["images"], 100 * found["accuracy"], kept["images"],
+                     pct(kept["accuracy"]), after["images"], pct(after["accuracy"]))
+    if audit_urls and "audit_set" not in audits:
+        log.warning("data.audit: no sample of its shards has a cls, so there is nothing to audit with")
+    if audits:
+        plot_audits(out / AUDIT_PLOT, {("data.unlabeled" if k == "unlabeled" else "data.audit"): v
+                                       for k, v in audits.items()})
+    return {"audit": audits or None, "calibration": calibration}
+
 
 
 def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied, labeled_now, wall,
@@ -254,4 +354,4 @@ def _per_class_threshold(hist: np.ndarray, sel: dict, threshold: float) -> list[
 
 
 STEP = Step("pseudolabel", settings, reads, inputs, work, out_dir=lambda cfg: pseudolabel_dir(cfg.run_dir, cfg.round),
-            outputs=("labels", SELECTION, "selection.png"), per_round=True)
+            outputs=("labels", AUDIT_LABELS, SELECTION, "selection.png", AUDIT_PLOT, CALIBRATION), per_round=True)
