@@ -1,18 +1,25 @@
-"""run_dir/report.json, report.md and accuracy.png: one row per finished model (teacher = round 0)."""
+"""run_dir/report.json and report.md, the story of a run: one row per finished model (teacher = round 0)
+with its accuracy and calibration, then per round what the teacher's pseudo-labels were (the selection,
+the audit, the calibration), the training curves, and the last round against the teacher class by class.
+Pictures beside them: accuracy.png, reliability.png, training_curves.png, per_class.png."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .files import atomic_write, atomic_write_bytes, write_json
+from .files import atomic_write_bytes, write_json
 from .models import eval_img_size
+from .plots import pct, pyplot, save_png
+from .rundir import is_done, pseudolabel_dir, read_summary
 from .tracking import read_metrics
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT = "accuracy.png"
 CURVES = "training_curves.png"
+RELIABILITY = "reliability.png"
+PER_CLASS = "per_class.png"
 
 
 def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir) -> dict:
@@ -20,6 +27,8 @@ def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir) -
     return {"round": round_idx, "role": role, "model": info["name"], "params": info["params"],
             "eval_img_size": eval_img_size(info),
             "top1": metrics["top1"], "top5": metrics["top5"], "eval_images": metrics["images"],
+            # calibration on the eval set (absent from the summaries of older versions)
+            "nll": metrics.get("nll"), "ece": metrics.get("ece"), "reliability": metrics.get("reliability"),
             "per_class_top1": metrics["per_class_top1"], "path": str(step_dir)}
 
 
@@ -30,13 +39,21 @@ def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str
     teacher_top1 = next((r["top1"] for r in rows if r["round"] == 0), None)
     for r in rows:
         r["gain_over_teacher"] = None if teacher_top1 is None else r["top1"] - teacher_top1
-    report = {"eval": eval_pattern, "rounds": rows, "notes": list(notes)}
+    labeling = pseudolabel_summaries(run_dir, rows)
+    report = {"eval": eval_pattern, "rounds": rows, "notes": list(notes),
+              "pseudolabels": {str(k): _labeling_record(s) for k, s in labeling.items()}}
     write_json(run_dir / REPORT_JSON, report)
     _plot(run_dir / PLOT, rows)
     text = markdown_table(rows, eval_pattern, notes)
+    if _reliability(run_dir / RELIABILITY, rows):
+        text += (f"\n![reliability diagrams]({RELIABILITY})\n\nCalibration on the eval set: NLL, and ECE (expected "
+                 "calibration error: the gap between confidence and accuracy, averaged over 15 confidence bins). "
+                 "A calibrated model's curve follows the diagonal.\n")
+    text += pseudolabel_sections(run_dir, labeling)
     if _curves(run_dir / CURVES, rows):
         text += ("\n## Training\n\nTraining loss per step (from each step's metrics.jsonl) and, with "
                  f"eval.every_epochs, the EMA model's top-1 during training.\n\n![training curves]({CURVES})\n")
+    text += per_class_section(run_dir / PER_CLASS, rows)
     atomic_write_bytes(run_dir / REPORT_MD, text.encode())
     return report
 
@@ -46,23 +63,22 @@ def markdown_table(rows: list[dict], eval_pattern: str = "", notes: list[str] = 
     if eval_pattern:
         lines += [f"Evaluated on `{eval_pattern}`, each model at its own resolution (eval res.: a student at its "
                   "preset's test_img_size, a fine-tune at the resolution it was fine-tuned for).", ""]
-    lines += ["| round | role | model | params | eval res. | top-1 | top-5 | gain over teacher |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| round | role | model | params | eval res. | top-1 | top-5 | gain over teacher | NLL | ECE |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gain = "" if r.get("gain_over_teacher") is None or r["round"] == 0 else f"{100 * r['gain_over_teacher']:+.2f}"
         res = f"{r['eval_img_size']} px" if r.get("eval_img_size") else ""
+        nll = f"{r['nll']:.3f}" if r.get("nll") is not None else ""
+        ece = f"{100 * r['ece']:.1f}%" if r.get("ece") is not None else ""
         lines.append(f"| {r['round']} | {r['role']} | {r['model']} | {r['params']:,} | {res} | {100 * r['top1']:.2f} | "
-                     f"{100 * r['top5']:.2f} | {gain} |")
+                     f"{100 * r['top5']:.2f} | {gain} | {nll} | {ece} |")
     lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
     lines += [f"![accuracy per round]({PLOT})", ""]
     return "\n".join(lines)
 
 
 def _plot(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     chain = [r for r in rows if r["role"] != "finetune"]  # the teacher and the students, round after round
@@ -77,10 +93,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
     ax.set_ylabel("eval accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _label(row: dict) -> str:
@@ -94,10 +107,7 @@ def _curves(path: Path, rows: list[dict]) -> bool:
     logs = [(label, recs) for label, recs in logs if recs]
     if not logs:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     evals = any("eval_top1" in rec for _, recs in logs for rec in recs)
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(9 if evals else 5, 3.2), dpi=120, squeeze=False)
@@ -117,8 +127,127 @@ def _curves(path: Path, rows: list[dict]) -> bool:
         axes[0][1].legend(fontsize=7)
     for ax in axes[0]:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
+    return True
+
+
+
+def pseudolabel_summaries(run_dir: Path, rows: list[dict]) -> dict[int, dict]:
+    """Round -> the summary of its finished pseudolabel step, for the rounds that have a student."""
+    rounds = sorted({r["round"] for r in rows if r["round"] > 0})
+    return {k: read_summary(pseudolabel_dir(run_dir, k)) for k in rounds if is_done(pseudolabel_dir(run_dir, k))}
+
+
+def _labeling_record(s: dict) -> dict:
+    keys = ("images_seen", "images_kept_by_threshold", "images_after_balancing", "threshold", "per_class",
+            "temperature", "classes_without_images", "corrupt_skipped", "unreadable_shards")
+    out = {k: s.get(k) for k in keys}
+    for name, a in (s.get("audit") or {}).items():
+        out[f"audit_{name}"] = {k: a[k] for k in ("images", "accuracy", "kept_by_threshold", "after_balancing",
+                                                  "ece")}
+    if s.get("calibration"):
+        out["calibration"] = {k: s["calibration"][k] for k in ("temperature", "source", "images", "before", "after")}
+    return out
+
+
+def pseudolabel_sections(run_dir: Path, labeling: dict[int, dict]) -> str:
+    """Per round: what the teacher of that round labeled, what the selection kept, how right it was."""
+    if not labeling:
+        return ""
+    lines = ["", "## Pseudo-labels", "",
+             "What each round's teacher (the teacher, then the previous round's student) labeled, what the confidence "
+             "threshold and class balancing kept, and, where the images' classes are known (unlabeled shards that "
+             "carry a `cls`, or the audit shards of data.audit), how often the pseudo-labels were right.", ""]
+    lines += ["| round | images | kept by threshold | after balancing | right: all | right: kept | right: after "
+              "balancing |", "|---|---|---|---|---|---|---|"]
+    for k, s in labeling.items():
+        a = (s.get("audit") or {}).get("unlabeled") or {}
+        lines.append(f"| {k} | {s['images_seen']:,} | {s['images_kept_by_threshold']:,} (threshold {s['threshold']}) "
+                     f"| {s['images_after_balancing']:,} ({s['per_class']} per class) | {pct(a.get('accuracy'))} | "
+                     f"{pct(a.get('kept_by_threshold', {}).get('accuracy'))} | "
+                     f"{pct(a.get('after_balancing', {}).get('accuracy'))} |")
+    for k, s in labeling.items():
+        rel = os.path.relpath(pseudolabel_dir(run_dir, k), run_dir)
+        lines += ["", f"### Round {k}", "", f"![round {k} selection]({rel}/selection.png)", ""]
+        for name, a in (s.get("audit") or {}).items():
+            where = "data.unlabeled" if name == "unlabeled" else "data.audit (never trained on)"
+            lines.append(f"- audit on {where}: {a['images']:,} images with a class, {pct(a['accuracy'])} right; "
+                         f"above the threshold {a['kept_by_threshold']['images']:,}, "
+                         f"{pct(a['kept_by_threshold']['accuracy'])} right; after balancing "
+                         f"{a['after_balancing']['images']:,}, {pct(a['after_balancing']['accuracy'])} right; "
+                         f"teacher ECE {pct(a['ece'])}.")
+        cal = s.get("calibration")
+        if cal:
+            b, f = cal["before"], cal["after"]
+            line = (f"- calibration: temperature {cal['temperature']:.3f} fitted on {cal['source']} "
+                    f"({cal['images']:,} images): NLL {b['nll']:.3f} -> {f['nll']:.3f}, ECE {pct(b['ece'])} -> "
+                    f"{pct(f['ece'])}")
+            raw = ((s.get("audit") or {}).get("unlabeled") or {}).get("uncalibrated")
+            if raw:
+                now = s["audit"]["unlabeled"]["kept_by_threshold"]
+                line += (f"; the threshold keeps {now['images']:,} images ({pct(now['accuracy'])} right) where "
+                         f"it would keep {raw['kept_by_threshold']['images']:,} "
+                         f"({pct(raw['kept_by_threshold']['accuracy'])} right) uncalibrated")
+            lines.append(line + ".")
+        if s.get("audit"):
+            lines += ["", f"![round {k} pseudo-label audit]({rel}/audit.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def per_class_section(path: Path, rows: list[dict], show: int = 10) -> str:
+    """The last round's final model against the teacher, class by class (all classes up to 2 x `show`,
+    else the `show` it gained most on and the `show` it lost most on), and a scatter of every class."""
+    teacher = next((r for r in rows if r["round"] == 0), None)
+    last = rows[-1] if rows else None
+    if teacher is None or last is teacher:
+        return ""
+    t, s = teacher["per_class_top1"], last["per_class_top1"]
+    both = [(c, t[c], s[c]) for c in range(len(t)) if t[c] is not None and s[c] is not None]
+    order = sorted(both, key=lambda x: x[2] - x[1], reverse=True)
+    chosen = order if len(order) <= 2 * show else order[:show] + order[-show:]
+    who = f"round {last['round']} {last['role']}"
+    which = "" if chosen is order else f" (the {show} classes gained most and the {show} lost most, of {len(order)})"
+    lines = ["", f"## Per class: {who} against the teacher", "",
+             f"Top-1 per class on the eval set{which}; "
+             f"{sum(1 for _, a, b in both if b > a)} classes gained, {sum(1 for _, a, b in both if b < a)} lost.", "",
+             f"| class | teacher | {who} | change |", "|---|---|---|---|"]
+    lines += [f"| {c} | {100 * a:.1f} | {100 * b:.1f} | {100 * (b - a):+.1f} |" for c, a, b in chosen]
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(4.2, 4), dpi=120)
+    ax.scatter([100 * a for _, a, _ in both], [100 * b for _, _, b in both], s=14)
+    low = max(0.0, 100 * min(min(a, b) for _, a, b in both) - 5)  # zoomed on where the classes lie
+    ax.plot([low, 100], [low, 100], ":", color="gray")
+    ax.set_xlim(low, 101)
+    ax.set_ylim(low, 101)
+    if len(both) <= 2 * show:
+        for c, a, b in both:
+            ax.annotate(str(c), (100 * a, 100 * b), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("teacher top-1 per class (%)")
+    ax.set_ylabel(f"{who} top-1 per class (%)")
+    ax.set_title("above the diagonal: classes the students improved", fontsize=8)
+    ax.grid(alpha=0.3)
+    save_png(fig, path)
+    return "\n".join(lines) + f"\n\n![per-class top-1]({path.name})\n"
+
+
+def _reliability(path: Path, rows: list[dict]) -> bool:
+    """Accuracy against confidence per bin, one curve per model; False (no file) when no row has the bins."""
+    rows = [r for r in rows if r.get("reliability")]
+    if not rows:
+        return False
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(4.6, 4), dpi=120)
+    ax.plot([0, 100], [0, 100], ":", color="gray", label="calibrated")
+    for r in rows:
+        rel = r["reliability"]
+        pts = [(c, a) for c, a in zip(rel["confidence"], rel["accuracy"], strict=True) if c is not None]
+        ax.plot([100 * c for c, _ in pts], [100 * a for _, a in pts], "o-", ms=3,
+                label=f"{_label(r)} (ECE {pct(r.get('ece'))})")
+    ax.set_xlabel("confidence (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_png(fig, path)
     return True

@@ -17,6 +17,7 @@ from PIL import Image
 
 from noisystudent.data.writer import write_shard
 from noisystudent.files import read_json
+from noisystudent.labels import LabelFile
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -51,8 +52,9 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
     _write(d / "L-000000.tar", 64, 0, labeled=True)
     _write(d / "E-000000.tar", 64, 1, labeled=True)
-    for i in range(6):
-        _write(d / f"U-{i:06d}.tar", 32, 10 + i, labeled=False)
+    _write(d / "A-000000.tar", 32, 2, labeled=True)  # the audit shards: labeled, never trained on
+    for i in range(6):  # half of the unlabeled shards keep their class (for the audit)
+        _write(d / f"U-{i:06d}.tar", 32, 10 + i, labeled=i % 2 == 0)
     return d
 
 
@@ -65,7 +67,9 @@ def _loop_args(shards, run_dir, *extra):
             # the last round's student fine-tuned for a test at 28 px (the demo preset tests at its 32)
             "finetune.img_size=28",
             # the EMA model evaluated at every epoch end: a collective inside the training loop of 2 processes
-            "eval.every_epochs=1", *extra]
+            "eval.every_epochs=1",
+            # the teacher of each round calibrated on data.eval across both processes, its labels audited
+            "pseudolabel.calibrate=true", f"data.audit={shards}/A-000000.tar", *extra]
 
 
 def _launch(port: int, *args, **popen):
@@ -91,7 +95,8 @@ def _report(run_dir):
 def _outputs(run_dir):
     """Every file a step wrote with its mtime: what a no-op rerun must leave untouched."""
     return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()
-            and p.name not in ("report.json", "report.md", "accuracy.png", "training_curves.png")}
+            and p.name not in ("report.json", "report.md", "accuracy.png", "training_curves.png", "reliability.png",
+                               "per_class.png")}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +117,10 @@ def test_two_process_iterate_on_shards(loop_run):
     for k in (1, 2):
         pl = read_json(loop_run / f"round_{k}/pseudolabel/summary.json")
         assert pl["images_seen"] == 6 * 32 and pl["shards_labeled"] == 6 and pl["images_after_balancing"] > 0
+        assert pl["audit"]["unlabeled"]["images"] == 3 * 32 and pl["audit"]["unlabeled"]["images_without_cls"] == 96
+        assert pl["audit"]["audit_set"]["images"] == 32 and pl["calibration"]["images"] == 64
+        temps = {LabelFile(f).meta["temperature"] for f in (loop_run / f"round_{k}/pseudolabel").rglob("*.safetensors")}
+        assert temps == {str(pl["calibration"]["temperature"])}  # one temperature, labels and audit, both processes
         st = read_json(loop_run / f"round_{k}/student/summary.json")
         assert st["replicas_in_sync"] is True and st["eval"]["images"] == 64
     assert [h["epoch"] for h in read_json(loop_run / "teacher/summary.json")["periodic_eval"]] == [1, 2, 3, 4]
@@ -124,6 +133,10 @@ def test_two_process_iterate_on_shards(loop_run):
     assert not (loop_run / "round_1/finetune").exists()  # iterate.finetune=final
     assert [(r["round"], r["role"]) for r in _report(loop_run)] == [(0, "teacher"), (1, "student"), (2, "student"),
                                                                     (2, "finetune")]
+    md = (loop_run / "report.md").read_text()
+    for part in ("## Pseudo-labels", "### Round 2", "round_2/pseudolabel/audit.png", "calibration: temperature",
+                 "## Per class: round 2 finetune against the teacher", "reliability.png"):
+        assert part in md, part
 
 
 def test_rerun_of_a_finished_loop_changes_nothing(loop_run, shards):
@@ -165,7 +178,7 @@ def test_forced_step_on_two_processes(loop_run, shards, tmp_path):
     args = [a for a in _loop_args(shards, d) if not a.startswith(("stage=", "iterate."))]
     _ok(_launch(29585, "stage=pseudolabel", "round=2", "force=true", *args))
     assert _labels(d) == before
-    assert read_json(d / "round_2/pseudolabel/summary.json")["images_labeled_this_run"] == 6 * 32
+    assert read_json(d / "round_2/pseudolabel/summary.json")["images_labeled_this_run"] == 6 * 32 + 32  # and the audit
 
 
 def _no_process_left(marker: str) -> bool:

@@ -5,13 +5,14 @@ stopped). Each step runs under the stage contract (contract.py), exactly as when
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import positive_int
 from ..errors import ConfigError
 from ..presets import student_model
-from ..report import markdown_table, report_row, write_report
+from ..report import REPORT_MD, report_row, write_report
 from ..rundir import finished_models, read_summary
 from . import finetune, pseudolabel, student, teacher
 from .contract import run_step
@@ -73,6 +74,6 @@ def run(cfg: DictConfig, accelerator) -> dict:
         if accelerator.is_main_process:
             write_report(cfg.run_dir, rows, str(cfg.data.eval), notes)
         accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        print(markdown_table(rows, str(cfg.data.eval), notes))
+    if accelerator.is_main_process:  # the whole story: the table, the pseudo-labels of each round, per class
+        print((Path(cfg.run_dir) / REPORT_MD).read_text())
     return {"rounds": rows, "notes": notes}
