@@ -1,0 +1,179 @@
+"""Accuracy on Fashion-MNIST: the whole loop over several seeds against a fully supervised reference.
+Run by hand (not a test); on 2 CPU cores a full run takes hours (see README, "Accuracy on Fashion-MNIST").
+
+    apt-get install dataset-fashion-mnist          # 60,000 train + 10,000 test images, 28x28, 10 classes
+    python benchmarks/bench_accuracy.py --out /tmp/fmnist                     # 3 seeds, 2 rounds, the defaults
+    python benchmarks/bench_accuracy.py --out /tmp/fmnist --seeds 0 -- student.hard=true   # any key=value after --
+
+Shards (made once per label budget and split seed, under --out/data-L<labels>-s<split seed>/): a stratified
+--labels-per-class labeled images per class from the train set; every other train image unlabeled, keeping
+its class in `cls` (never trained on: the pseudo-label audit reads it); the 10,000 test images as data.eval.
+Each seed runs `stage=iterate` in its own run_dir (a rerun skips finished steps). The fully supervised
+reference trains the same model (stage=teacher) on every train image's label for --supervised-epochs.
+Printed: one markdown table (top-1 per round, gap closed, pseudo-label accuracy, wall time) and
+--out/results-<name>.json (written after every run)."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from noisystudent.data.writer import encode_png, update_manifest, write_shard
+
+SRC = "/usr/share/datasets/fashion-mnist"
+PER_SHARD = 5000
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format, gzipped): uint8 images [n, 28, 28] or labels [n]."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def make_shards(src: Path, dest: Path, labels_per_class: int, split_seed: int) -> dict:
+    """labeled / unlabeled / eval shards under `dest` (skipped when already there); their patterns."""
+    def pattern(name, n):
+        return f"{dest}/{name}-{{000000..{n - 1:06d}}}.tar"
+
+    done = dest / "_DONE.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    images, labels = read_idx(src / "train-images-idx3-ubyte.gz"), read_idx(src / "train-labels-idx1-ubyte.gz")
+    test_images, test_labels = read_idx(src / "t10k-images-idx3-ubyte.gz"), read_idx(src / "t10k-labels-idx1-ubyte.gz")
+    rng = np.random.default_rng(split_seed)
+    labeled = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:labels_per_class]
+                                      for c in range(10)]))
+    unlabeled = rng.permutation(np.setdiff1d(np.arange(len(labels)), labeled))  # shuffled across shards
+    dest.mkdir(parents=True, exist_ok=True)
+    counts, out = {}, {}
+    for name, imgs, labs, idx in (("labeled", images, labels, labeled), ("unlabeled", images, labels, unlabeled),
+                                  ("eval", test_images, test_labels, np.arange(len(test_labels)))):
+        chunks = np.array_split(idx, max(1, -(-len(idx) // PER_SHARD)))
+        for s, chunk in enumerate(chunks):
+            samples = ({"__key__": f"{name}{i:05d}", "png": encode_png(Image.fromarray(imgs[i], "L")),
+                        "cls": str(int(labs[i])).encode()} for i in chunk)
+            counts[f"{name}-{s:06d}.tar"] = write_shard(dest / f"{name}-{s:06d}.tar", samples)
+        out[name] = pattern(name, len(chunks))
+    update_manifest(dest, counts, source=str(src), labels_per_class=labels_per_class, split_seed=split_seed)
+    done.write_text(json.dumps(out))
+    return out
+
+
+def run(args: list[str], log: Path) -> float:
+    """python -m noisystudent ARGS, its output to `log`; its wall time. A failure stops the benchmark."""
+    t0 = time.time()
+    with open(log, "a") as f:
+        proc = subprocess.run([sys.executable, "-m", "noisystudent", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): python -m noisystudent {' '.join(args)}; see {log}")
+    return time.time() - t0
+
+
+def summary(path: Path) -> dict:
+    return json.loads((path / "summary.json").read_text())
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", default=SRC, help="folder of the four idx .gz files (default: the Debian package's)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--labels-per-class", type=int, default=100)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--student-epochs", type=float, default=5)
+    p.add_argument("--supervised-epochs", type=float, default=10)
+    p.add_argument("--supervised-seeds", type=int, nargs="*", default=[0],
+                   help="seeds of the fully supervised reference (none: leave it out)")
+    p.add_argument("--name", default="", help="a label for this configuration in results.json")
+    p.add_argument("overrides", nargs="*", help="key=value for every stage=iterate run (after --)")
+    a = p.parse_args()
+
+    data = make_shards(Path(a.src), a.out / f"data-L{a.labels_per_class}-s{a.split_seed}", a.labels_per_class,
+                       a.split_seed)
+    common = ["data=shards", "data.num_classes=10", f"data.labeled='{data['labeled']}'",
+              f"data.unlabeled='{data['unlabeled']}'", f"data.eval='{data['eval']}'", "model=demo"]
+    tag = "-".join(o.replace("/", "_") for o in a.overrides) or "defaults"
+    results = {"name": a.name or tag, "labels_per_class": a.labels_per_class, "rounds": a.rounds,
+               "student_epochs": a.student_epochs, "overrides": a.overrides, "seeds": {}, "supervised": {}}
+    for seed in a.supervised_seeds:
+        run_dir = a.out / f"supervised-L{a.labels_per_class}-e{a.supervised_epochs:g}-seed{seed}"
+        wall = run(["stage=teacher", f"run_dir={run_dir}", *common, f"seed={seed}",
+                    f"data.labeled=['{data['labeled']}','{data['unlabeled']}']",
+                    f"train.epochs={a.supervised_epochs}"], a.out / "bench.log")
+        results["supervised"][seed] = {"top1": summary(run_dir / "teacher")["top1"], "wall_s": wall}
+        save(a.out, results)
+    for seed in a.seeds:
+        run_dir = a.out / f"L{a.labels_per_class}-{tag}-r{a.rounds}-e{a.student_epochs:g}-seed{seed}"
+        wall = run(["stage=iterate", f"run_dir={run_dir}", *common, f"seed={seed}", f"iterate.rounds={a.rounds}",
+                    f"student.epochs={a.student_epochs}", *a.overrides], a.out / "bench.log")
+        top1 = [summary(run_dir / "teacher")["top1"]]
+        audit = []
+        for k in range(1, a.rounds + 1):
+            top1.append(summary(run_dir / f"round_{k}/student")["top1"])
+            pl = summary(run_dir / f"round_{k}/pseudolabel").get("audit") or {}
+            audit.append((pl.get("unlabeled") or {}).get("kept_by_threshold", {}).get("accuracy"))
+        results["seeds"][seed] = {"top1": top1, "pseudo_label_accuracy_kept": audit, "wall_s": wall,
+                                  "run_dir": str(run_dir)}
+        save(a.out, results)  # after every seed: a long benchmark stopped midway keeps what it measured
+    save(a.out, results)
+    print(table(results))
+
+
+def save(out: Path, results: dict) -> None:
+    path = out / f"results-{results['name']}.json"
+    path.write_text(json.dumps(results, indent=1))
+
+
+def table(results: dict) -> str:
+    seeds = results["seeds"]
+    sup = [100 * v["top1"] for v in results["supervised"].values()]
+    ref = statistics.mean(sup) if sup else None
+    lines = [f"{results['name']}: {results['labels_per_class']} labels per class, student.epochs="
+             f"{results['student_epochs']}, seeds {', '.join(map(str, seeds))}", "",
+             "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | gap closed |",
+             "|---|" + "---|" * len(seeds) + "---|---|"]
+    teacher = [100 * v["top1"][0] for v in seeds.values()]
+    for k in range(results["rounds"] + 1):
+        vals = [100 * v["top1"][k] for v in seeds.values()]
+        closed = ""
+        if ref is not None and k:
+            gaps = [(v - t) / (ref - t) for v, t in zip(vals, teacher, strict=True) if ref != t]
+            closed = f"{100 * statistics.mean(gaps):.0f}%" if gaps else ""
+        lines.append(f"| {'teacher' if k == 0 else f'round {k} student'} | "
+                     + " | ".join(f"{v:.2f}" for v in vals) + f" | {mean_std(vals)} | {closed} |")
+    if sup:
+        lines.append(f"| fully supervised (seeds {', '.join(map(str, results['supervised']))}) | "
+                     + " | " * len(seeds) + f"{mean_std(sup)} | |")
+    for k in range(results["rounds"]):
+        acc = [v["pseudo_label_accuracy_kept"][k] for v in seeds.values()]
+        lines.append(f"| round {k + 1} pseudo-labels kept, right | "
+                     + " | ".join("-" if x is None else f"{100 * x:.1f}" for x in acc) + " | | |")
+    lines.append("| wall (min) | " + " | ".join(f"{v['wall_s'] / 60:.0f}" for v in seeds.values()) + " | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
