@@ -55,11 +55,12 @@ def audit_label_files(files: Iterable[LabelFile], selection: Selection, num_clas
         truth = f["cls"].astype(np.int64)
         known = truth >= 0
         without += int((~known).sum())
-        conf, pred = f["confidence"][known].astype(np.float64), f["argmax"].astype(np.int64)[known]
+        conf32 = f["confidence"][known]
+        conf, pred = conf32.astype(np.float64), f["argmax"].astype(np.int64)[known]
         truth = truth[known]
         rep = selection.repeats(f["confidence"], f["argmax"].astype(np.int64), f["keyhash"])[known].astype(np.float64)
         right = (pred == truth).astype(np.float64)
-        kept = conf >= t
+        kept = conf32 >= t  # float32 against the threshold, exactly as the selection compares
         bins = _bins(conf)
         b["images"] += np.bincount(bins, minlength=AUDIT_BINS)
         b["correct"] += np.bincount(bins, right, minlength=AUDIT_BINS)
@@ -72,13 +73,14 @@ def audit_label_files(files: Iterable[LabelFile], selection: Selection, num_clas
         c["after"] += np.bincount(pred, rep, minlength=nc)
         c["after_correct"] += np.bincount(pred, rep * right, minlength=nc)
         if has_raw and f.has("confidence_raw"):
-            raw = f["confidence_raw"][known].astype(np.float64)
+            raw32 = f["confidence_raw"][known]
+            raw = raw32.astype(np.float64)
             rbins = _bins(raw)
             b["raw_images"] += np.bincount(rbins, minlength=AUDIT_BINS)
             b["raw_correct"] += np.bincount(rbins, right, minlength=AUDIT_BINS)
             b["raw_conf"] += np.bincount(rbins, raw, minlength=AUDIT_BINS)
-            raw_kept += int((raw >= t).sum())
-            raw_kept_correct += int(right[raw >= t].sum())
+            raw_kept += int((raw32 >= t).sum())
+            raw_kept_correct += int(right[raw32 >= t].sum())
         else:
             has_raw = False
     n = int(b["images"].sum())

@@ -63,10 +63,11 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
             rel[0] += torch.bincount(bins, minlength=ECE_BINS)
             rel[1] += torch.bincount(bins, weights=hit1.double(), minlength=ECE_BINS)
             rel[2] += torch.bincount(bins, weights=conf, minlength=ECE_BINS)
-            if temps is not None:  # [T, B, C]: the NLL of the batch at every temperature at once
-                z = logits.double()[None] / temps[:, None, None]
-                true_logit = z.gather(2, labels.view(1, -1, 1).expand(len(temps), -1, 1)).squeeze(2)
-                nll_at += (torch.logsumexp(z, dim=2) - true_logit).sum(dim=1)
+            if temps is not None:  # the batch's NLL at every temperature, [16, B, C] at a time (bounded memory)
+                for i in range(0, len(temps), 16):
+                    z = logits.float()[None] / temps[i:i + 16, None, None].float()
+                    true_logit = z.gather(2, labels.view(1, -1, 1).expand(len(z), -1, 1)).squeeze(2)
+                    nll_at[i:i + 16] += (torch.logsumexp(z, dim=2) - true_logit).sum(dim=1).double()
     correct, total, top5, corrupt, loss_sum, rel = (accelerator.reduce(t, "sum")
                                                     for t in (correct, total, top5, corrupt, loss_sum, rel))
     n = int(total.sum())

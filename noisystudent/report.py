@@ -68,8 +68,8 @@ def markdown_table(rows: list[dict], eval_pattern: str = "", notes: list[str] = 
     for r in rows:
         gain = "" if r.get("gain_over_teacher") is None or r["round"] == 0 else f"{100 * r['gain_over_teacher']:+.2f}"
         res = f"{r['eval_img_size']} px" if r.get("eval_img_size") else ""
-        nll = f"{r['nll']:.3f}" if r.get("nll") is not None else ""
-        ece = f"{100 * r['ece']:.1f}%" if r.get("ece") is not None else ""
+        nll = f"{r['nll']:.3f}" if _measured(r.get("nll")) else ""
+        ece = f"{100 * r['ece']:.1f}%" if _measured(r.get("ece")) else ""
         lines.append(f"| {r['round']} | {r['role']} | {r['model']} | {r['params']:,} | {res} | {100 * r['top1']:.2f} | "
                      f"{100 * r['top5']:.2f} | {gain} | {nll} | {ece} |")
     lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
@@ -130,6 +130,11 @@ def _curves(path: Path, rows: list[dict]) -> bool:
     save_png(fig, path)
     return True
 
+
+
+def _measured(v) -> bool:
+    """A value to print: not missing (an older version's row) and not NaN (an eval set without images)."""
+    return v is not None and v == v
 
 
 def pseudolabel_summaries(run_dir: Path, rows: list[dict]) -> dict[int, dict]:
@@ -203,6 +208,8 @@ def per_class_section(path: Path, rows: list[dict], show: int = 10) -> str:
         return ""
     t, s = teacher["per_class_top1"], last["per_class_top1"]
     both = [(c, t[c], s[c]) for c in range(len(t)) if t[c] is not None and s[c] is not None]
+    if not both:  # no class measured in both (an eval set with no readable image)
+        return ""
     order = sorted(both, key=lambda x: x[2] - x[1], reverse=True)
     chosen = order if len(order) <= 2 * show else order[:show] + order[-show:]
     who = f"round {last['round']} {last['role']}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -125,16 +126,36 @@ def test_pseudolabel_audits_against_the_shards_classes(teacher_copy, digits_root
     assert cal["images"] == 100 and cal["after"]["nll"] <= cal["before"]["nll"] + 1e-9
     assert (out / "audit.png").stat().st_size > 0
 
-    # a rerun that labels a lost shard again uses the temperature fitted by the first run, not a new fit
-    (out / "labels" / "unlabeled-000002.labels.safetensors").unlink()
+    # a rerun labels with the temperature the first run fitted (calibration.json), not a new fit
+    for f in (out / "labels").glob("*.safetensors"):
+        f.unlink()
     (out / "_SUCCESS").unlink()
     cal["temperature"] = 1.7  # a value no fit would give: it can only come from the file
     (out / "calibration.json").write_text(json.dumps(cal))
-    s2 = run("stage=pseudolabel", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST,
-             f"data.audit='{digits_root}/eval-{{000000..000001}}.tar'", "pseudolabel.calibrate=true",
-             f"data.calibration={digits_root}/labeled-000000.tar")
+    args = ["stage=pseudolabel", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST,
+            f"data.audit='{digits_root}/eval-{{000000..000001}}.tar'", "pseudolabel.calibrate=true",
+            f"data.calibration={digits_root}/labeled-000000.tar"]
+    with pytest.raises(ConfigError, match="audit/eval-000000.labels.safetensors was made at temperature"):
+        run(*args)  # the audit shards' label files were left at the first temperature
+    shutil.rmtree(out / "audit")
+    s2 = run(*args)
     assert s2["calibration"]["temperature"] == 1.7
-    assert float(LabelFile(out / "labels" / "unlabeled-000002.labels.safetensors").meta["temperature"]) == 1.7
+    assert {LabelFile(f).meta["temperature"] for f in out.rglob("*.safetensors")} == {"1.7"}
+
+    # and label files of another temperature are never mixed in: a killed run's files at T=1.7, a rerun at 1.0
+    (out / "labels" / "unlabeled-000002.labels.safetensors").unlink()
+    (out / "_SUCCESS").unlink()
+    with pytest.raises(ConfigError, match="was made at temperature 1.7, but this run labels at 1"):
+        run("stage=pseudolabel", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST)
+
+
+def test_an_unlabeled_cls_that_is_no_class_here_is_unknown_not_fatal():
+    from noisystudent.data.shards import SampleDecoder
+
+    dec = SampleDecoder(lambda img: img, 10, labeled=False, audit_classes=True)
+    assert [dec.label_of({"cls": c}) for c in (b"3", b"n01440764", b"12", b" 7\n")] == [3, -1, -1, 7]
+    assert dec.label_of({}) == -1
+    assert SampleDecoder(lambda img: img, 10, labeled=False).label_of({"cls": b"3"}) == -1  # audit off
 
 
 def test_audit_off_and_bad_calibration_settings(teacher_copy, digits_root):

@@ -138,8 +138,8 @@ def parse_label(sample: dict, num_classes: int) -> int:
 class SampleDecoder:
     """Turn a raw webdataset sample into (key, image or None, label); the image is the transform's
     HWC uint8 array (transforms.py). labeled=True: `cls` is required; labeled=False: the label is -1, or with
-    audit_classes=True the sample's `cls` where it has one (unlabeled shards may carry their true class to
-    audit the pseudo-labels: it is recorded beside them, never trained on).
+    audit_classes=True the sample's `cls` where it is a class of this dataset (unlabeled shards may carry their
+    true class to audit the pseudo-labels: it is recorded beside them, never trained on).
 
     A sample with no image entry at all is an error (the shards are not image shards); an image
     entry that does not decode is a corrupt image: returned with image None and the reason, counted,
@@ -158,11 +158,13 @@ class SampleDecoder:
             return parse_label(sample, self.num_classes)
         if not self.audit_classes or sample.get("cls") is None:
             return -1
+        # an unlabeled sample's cls only serves the audit: one that is not a class of this dataset (another
+        # label set's index or name) makes the image one without a known class (the audit counts those),
+        # never a reason to stop labeling
         try:
             return parse_label(sample, self.num_classes)
-        except DataError as e:
-            raise DataError(f"{e}. The cls of unlabeled samples is read to audit the pseudo-labels; if these shards' "
-                            "cls are not classes of this dataset, set pseudolabel.audit=false") from None
+        except DataError:
+            return -1
 
     def __call__(self, sample: dict) -> dict:
         ext = image_key(sample)

@@ -82,7 +82,7 @@ def step_seed(seed: int, name: str, round_idx: int, rank: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _main_decides(accelerator, value):
+def main_decides(accelerator, value):
     """The main process's value, on every process."""
     if accelerator.num_processes == 1:
         return value
@@ -116,7 +116,7 @@ def run_step(step: Step, cfg: DictConfig, accelerator) -> dict:
     round_idx = int(cfg.round) if step.per_round else 0
 
     if out is not None:
-        done = _main_decides(accelerator, is_done(out) and not cfg.force)
+        done = main_decides(accelerator, is_done(out) and not cfg.force)
         if done:
             summary = read_summary(out)
             if accelerator.is_main_process:

@@ -13,6 +13,7 @@ are labeled like the others but never selected), the labels are audited against 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from ..plots import pct, pyplot, save_png
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
 from ..selection import HIST_BINS, Selection, class_statistics, select
 from .common import num_classes, shards
-from .contract import Step, StepRun
+from .contract import Step, StepRun, main_decides
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,11 @@ def work(run: StepRun) -> dict:
     model = model.to(accelerator.device)
     calibration = calibrate(run, model, transform) if s.calibrate else None
     run.inputs["temperature"] = calibration["temperature"] if calibration else s.temperature
+    mismatch = main_decides(accelerator, labeled_at_another_temperature(
+        [paths[u] for u in urls] + [audit_paths[u] for u in audit_urls], run.inputs["temperature"], s.calibrate)
+        if accelerator.is_main_process else None)
+    if mismatch:
+        raise ConfigError(mismatch)
     t0 = time.time()
     stats = {"images": 0, "corrupt": 0, "shards_done": 0, "unreadable": {}}
     resize_crop = eval_resize_crop(img_size, cfg.data)
@@ -237,13 +243,25 @@ def work(run: StepRun) -> dict:
     return {**summary, **audit_and_calibration(s, run.out, urls, paths, audit_urls, audit_paths, calibration)}
 
 
+def labeled_at_another_temperature(paths: list[Path], temperature: float, calibrated: bool) -> str | None:
+    """Why the label files an earlier run of this step left cannot be kept, or None. One threshold cannot
+    serve confidences of two temperatures (a run killed with calibrate=false, rerun with calibrate=true)."""
+    for p in paths:
+        if p.exists():
+            made_at = float(LabelFile(p).meta.get("temperature", "nan"))
+            if not math.isclose(made_at, temperature, rel_tol=1e-6):
+                now = "fitted by pseudolabel.calibrate" if calibrated else "pseudolabel.temperature"
+                return (f"label file {p} was made at temperature {made_at:g}, but this run labels at {temperature:g} "
+                        f"({now}): one threshold cannot serve both. Rerun with force=true to label every shard again")
+    return None
+
+
 def calibrate(run: StepRun, model, transform) -> dict:
     """The teacher's temperature: fitted on held-out labeled images (every process takes part), or read
     from calibration.json when an earlier run of this step fitted it (its labels used that one)."""
     path = run.out / CALIBRATION
-    done = path.exists()
-    run.accelerator.wait_for_everyone()  # every process reads the same answer before the main one writes
-    if done:
+    # one decision for every process (a process that skipped the fit would leave the others in its collectives)
+    if main_decides(run.accelerator, path.exists()):
         found = read_json(path)
         log.info("calibration: temperature %.4f from %s (fitted by an earlier run of this step)",
                  found["temperature"], path)
