@@ -3,7 +3,9 @@
 One forward pass over the concatenated batch [labeled | pseudo-labeled] (shared BatchNorm
 statistics); loss = CE(labeled, smoothing) + w * soft CE(pseudo-labeled). The pseudo-labeled stream
 reads the unlabeled shards beside their label files and applies the selection while streaming:
-an image is dropped, kept, or repeated k times, then shuffled through a buffer (data/streams.py)."""
+an image is dropped, kept, or repeated k times, then shuffled through a buffer (data/streams.py).
+With student.targets=online the targets come from the teacher on the student's augmented view
+instead of the label files (online_targets.py)."""
 
 from __future__ import annotations
 
@@ -36,10 +38,12 @@ from ..models import (
     check_num_classes,
     count_params,
     create_model,
+    load_exported_model,
     load_weights,
 )
+from ..online_targets import OnlineTargets
 from ..presets import student_model
-from ..rundir import command_for_round, is_done, model_dir_for_round, pseudolabel_dir, student_dir
+from ..rundir import command_for_round, is_done, model_dir_for_round, pseudolabel_dir, read_summary, student_dir
 from ..selection import Selection
 from .common import num_classes, shards, train_and_export
 from .contract import Step, StepRun
@@ -57,11 +61,15 @@ class StudentSettings:
     unlabeled_weight: float
     init: str
     allow_smaller: bool
+    targets: str  # offline (the label files' targets) | online (the teacher on the student's view)
 
 
 def settings(cfg: DictConfig) -> StudentSettings:
     st = cfg.student
     round_idx = round_number(cfg)
+    if st.get("targets", "offline") not in ("offline", "online"):
+        raise ConfigError(f"student.targets={st.get('targets')!r}: use offline (the label files' targets, as the "
+                          "paper) or online (the teacher labels the student's augmented view at every step)")
     if st.init not in ("scratch", "teacher"):
         raise ConfigError(f"student.init={st.init!r}: use scratch or teacher")
     if not isinstance(st.unlabel_ratio, int | float) or st.unlabel_ratio <= 0:
@@ -82,6 +90,7 @@ def settings(cfg: DictConfig) -> StudentSettings:
         unlabeled_weight=float(st.unlabeled_weight),
         init=str(st.init),
         allow_smaller=bool(st.allow_smaller),
+        targets=str(st.get("targets", "offline")),
     )
 
 
@@ -121,6 +130,7 @@ def inputs(cfg: DictConfig, s: StudentSettings) -> dict:
     paths = label_paths(urls, pl / "labels")
     shards(cfg, "eval")
     return {"teacher_dir": prev_dir, "teacher": read_json(prev_dir / MODEL_INFO), "selection": sel_json,
+            "label_temperature": float(read_summary(pl).get("temperature", 1.0)),
             "labeled": shards(cfg, "labeled"), "paths": paths,
             "unlabeled": [u for u in urls if paths[u].exists()]}  # unreadable shards have no label file
 
@@ -149,6 +159,17 @@ def work(run: StepRun) -> dict:
     unl_workers = max(1, workers - lab_workers) if workers else 0
     nice = worker_nice(cfg, accelerator.device)
     join = JoinPseudoLabels(inp["paths"], Selection.from_json(inp["selection"]), s.num_classes)
+    online = None
+    if s.targets == "online":  # the labels' own temperature (the fitted one after pseudolabel.calibrate)
+        online = OnlineTargets(load_exported_model(inp["teacher_dir"], "")[0], model, accelerator,
+                               inp["label_temperature"], bool(inp["selection"].get("hard")))
+
+    def loss(logits, b):
+        targets = b.get("targets")
+        if online is not None and targets is not None:
+            targets = online(b["images"][len(b["labels"]):])
+        return noisy_student_loss(logits, b["labels"], targets, t.label_smoothing, s.unlabeled_weight)
+
     batches = mixed_batches(
         labeled_batches(inp["labeled"], SampleDecoder(tf, s.num_classes, labeled=True), t.batch_size,
                         t.shuffle_buffer, lab_workers, nice),
@@ -163,15 +184,15 @@ def work(run: StepRun) -> dict:
         steps_per_epoch=steps_per_epoch(n_selected, unl_batch * accelerator.num_processes),
         global_batch=global_batch,
         batches=batches,
-        loss=lambda logits, b: noisy_student_loss(logits, b["labels"], b.get("targets"), t.label_smoothing,
-                                                  s.unlabeled_weight),
+        loss=loss,
         settings_hash=run.settings_hash,
         extra_summary={
             "round": s.round,
             "teacher": teacher,
             "noise": {"randaugment": t.randaugment, "drop_rate": s.drop_rate, "drop_path_rate": s.drop_path_rate},
             "unlabel_ratio": s.unlabel_ratio, "unlabeled_batch": unl_batch, "unlabeled_weight": s.unlabeled_weight,
-            "init": s.init, "pseudo_labeled_images": n_selected, "hard_labels": bool(inp["selection"].get("hard")),
+            "init": s.init, "targets": s.targets,
+            "pseudo_labeled_images": n_selected, "hard_labels": bool(inp["selection"].get("hard")),
             "labeled_images_per_step": global_batch,
             "loader_workers": {"labeled": lab_workers, "unlabeled": unl_workers},
         },
