@@ -237,10 +237,11 @@ def work(run: StepRun) -> dict:
     accelerator.wait_for_everyone()  # every label file is written
     if not accelerator.is_main_process:
         return {}
-    summary = select_and_summarize(s, run.out, urls, paths, info, applied, labeled_now, wall,
-                                   accelerator.num_processes)
+    summary, selection = select_and_summarize(s, run.out, urls, paths, info, applied, labeled_now, wall,
+                                              accelerator.num_processes)
     summary["temperature"] = run.inputs["temperature"]  # the one the labels were made with
-    return {**summary, **audit_and_calibration(s, run.out, urls, paths, audit_urls, audit_paths, calibration)}
+    return {**summary, **audit_and_calibration(s, run.out, selection, urls, paths, audit_urls, audit_paths,
+                                               calibration)}
 
 
 def labeled_at_another_temperature(paths: list[Path], temperature: float, calibrated: bool) -> str | None:
@@ -280,11 +281,10 @@ def calibrate(run: StepRun, model, transform) -> dict:
     return found
 
 
-def audit_and_calibration(s: LabelSettings, out: Path, urls, paths, audit_urls, audit_paths,
+def audit_and_calibration(s: LabelSettings, out: Path, selection: Selection, urls, paths, audit_urls, audit_paths,
                           calibration: dict | None) -> dict:
-    """Main process: the audit of every labeled set with classes (summary keys, audit.png) and the
-    calibration's record."""
-    selection = Selection.from_json(read_json(out / SELECTION))
+    """Main process: the audit of every labeled set with classes against the step's selection (summary keys,
+    audit.png) and the calibration's record."""
     sets = {"unlabeled": (urls, paths), "audit_set": (audit_urls, audit_paths)}
     audits = {}
     for name, (u, p) in sets.items():
@@ -306,8 +306,9 @@ def audit_and_calibration(s: LabelSettings, out: Path, urls, paths, audit_urls, 
 
 
 def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied, labeled_now, wall,
-                         processes) -> dict:
-    """Main process: the selection from every label file, selection.json and .png; the step's summary."""
+                         processes) -> tuple[dict, Selection]:
+    """Main process: the selection from every label file, selection.json and .png; the step's summary and
+    the selection (the audit weighs each image by it)."""
     nc = s.num_classes
     unreadable = {}
     for u in urls:
@@ -355,7 +356,7 @@ def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied
     log.info("pseudo-labels: %d images seen, %d kept by threshold %.2f, %d after balancing (N=%s)",
              summary["images_seen"], summary["images_kept_by_threshold"], s.threshold,
              summary["images_after_balancing"], sel_json["per_class"])
-    return summary
+    return summary, sel
 
 
 def _per_class_threshold(hist: np.ndarray, sel: dict, threshold: float) -> list[float]:
