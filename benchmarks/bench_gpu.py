@@ -470,7 +470,11 @@ def parse_args():
                     help="no further repeat is started that would end past this many seconds from the start")
     ap.add_argument("--workdir", help="keep data and runs here (reused when there), instead of a temporary dir")
     ap.add_argument("--out", help="write the results as JSON here")
-    return ap.parse_args()
+    args = ap.parse_args()
+    # the methods run in the work dir: a script path given relative to here must still be found there
+    args.timm_inference, args.timm_train = (os.path.abspath(p) if p else p for p in (args.timm_inference,
+                                                                                     args.timm_train))
+    return args
 
 
 def setup(args) -> Bench:

@@ -40,6 +40,14 @@ def make_accelerator(cfg: DictConfig):
     precision = resolve_precision(cfg.get("precision", "auto"), cuda,
                                   cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cuda and local_world > torch.cuda.device_count():
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") only at the first collective
+        raise ConfigError(
+            f"{local_world} processes were launched on this node (LOCAL_WORLD_SIZE) but {torch.cuda.device_count()} "
+            f"GPU(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one "
+            f"process per GPU. Launch with --num_processes / --nproc_per_node {torch.cuda.device_count()}, or hide "
+            "the GPUs (CUDA_VISIBLE_DEVICES=) to run the processes on the CPU")
     # Without an accelerator device, accelerate only sets up the gloo process group when told
     # cpu=True; otherwise each of N launched processes would silently run alone as "rank 0 of 1".
     accelerator = Accelerator(mixed_precision=precision, cpu=world > 1 and not cuda)

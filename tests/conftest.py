@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -24,6 +25,13 @@ FAST = [
     "eval.batch_size=64",
     "pseudolabel.batch_size=64",
 ]
+
+
+# The multi-process tests are CPU (gloo) tests of the distributed logic: NCCL cannot put two ranks on one
+# GPU, so where fewer than 2 GPUs are visible their processes run with the GPUs hidden.
+MULTI_PROCESS_ENV = {"CUDA_VISIBLE_DEVICES": ""} if torch.cuda.device_count() < 2 else {}
+# PYTHONPATH for a helper script of tests/ run as a process of its own, keeping what the caller had there
+TESTS_ON_PATH = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
 def make_cfg(*overrides: str):
@@ -42,11 +50,23 @@ def run(*overrides: str):
 def cli(*args: str, cwd=None, check=False, timeout=600, launcher=None) -> subprocess.CompletedProcess:
     """Run the real command line (python -m noisystudent ...), or under a launcher (accelerate launch ...)."""
     cmd = (launcher or [sys.executable]) + ["-m", "noisystudent", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(MULTI_PROCESS_ENV if launcher else {})}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate fixes one device per process: on a GPU machine, a test that builds Accelerator(cpu=True)
+    in-process must not meet the CUDA state an earlier in-process stage left behind."""
+    yield
+    if torch.cuda.is_available():
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")

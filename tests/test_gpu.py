@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, cli
+from conftest import FAST, TESTS_ON_PATH, cli
 
 from noisystudent.files import read_json
 
@@ -26,7 +26,7 @@ def test_training_step_never_synchronizes_with_the_host(tmp_path):
     """A process of its own (accelerate's device is fixed once per process): fit on the GPU for 12 steps,
     logging every 5, with torch's sync debug mode on. Allowed: set-up and the end (step 0 and 12), the
     log steps (5, 10), and the one synchronize after step 1 that starts the images/s clock."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": TESTS_ON_PATH}
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "device_reads.py"), str(tmp_path), "12", "5"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -69,7 +69,8 @@ def test_nvjpeg_decodes_as_the_cpu_does():
         images, keys, corrupt = decoder(batch)
         outputs[device] = (images.cpu(), keys, corrupt, decoder.counts)
     (gpu, gkeys, gbad, gcounts), (cpu, ckeys, cbad, _) = outputs["cuda"], outputs["cpu"]
-    assert gkeys == ckeys and gbad == cbad == ["k7"]
+    assert batch["corrupt_keys"] == ["k7"]  # cut off: nvJPEG would decode it, the worker keeps it from it
+    assert gkeys == ckeys and gbad == cbad == []
     assert gcounts["device_decoded"] == 23 and gcounts["cpu_fallback"] == 0
     assert (gpu.float() - cpu.float()).abs().mean() < 2.0  # nvJPEG's IDCT and upsampling vs libjpeg's
 
@@ -85,3 +86,16 @@ def test_auto_settings_on_cuda(tmp_path, digits_root):
     p = read_json(d / "round_1" / "pseudolabel" / "summary.json")
     # the digits are PNGs: on the gpu path, every one is decoded by the workers and counted as such
     assert p["inference"]["decode"]["where"] == "gpu" and p["inference"]["decode"]["cpu_fallback"] == p["images_seen"]
+
+
+def test_more_processes_than_gpus_is_one_clear_error(tmp_path, digits_root):
+    """NCCL cannot put two ranks on one GPU and says so only at the first collective ("Duplicate GPU
+    detected"): a launch of one process more than the visible GPUs stops at once with what to change."""
+    n = torch.cuda.device_count() + 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29583",
+           "-m", "noisystudent", "stage=teacher", f"run_dir={tmp_path / 'run'}", f"data.root={digits_root}", *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert f"{n} processes were launched on this node (LOCAL_WORLD_SIZE)" in out and "--nproc_per_node" in out
+    assert not (tmp_path / "run" / "teacher" / "summary.json").exists()

@@ -123,9 +123,11 @@ def test_gpu_levers_run_on_cpu_and_leave_plain_weights(tmp_path, digits_root, te
     assert set(state["model"]) == plain and {k.removeprefix("module.") for k in state["model_ema"]} == plain
     model, _ = load_exported_model(d / "teacher", "")  # strict load into a fresh timm model
     assert set(model.state_dict()) == plain
-    default = read_json(teacher_run / "teacher" / "summary.json")
-    assert (default["precision"], default["channels_last"], default["compile"]) == ("no", False, False)
-    assert default["settings"]["precision"] == "no"
+    default = read_json(teacher_run / "teacher" / "summary.json")  # precision=auto, channels_last=auto
+    auto = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+    assert (default["precision"], default["channels_last"], default["compile"]) == (auto, torch.cuda.is_available(),
+                                                                                    False)
+    assert default["settings"]["precision"] == auto
     # pseudolabel.compile on the same model: the labels of the eager model, within float rounding
     labels = {}
     for compiled in ("true", "false"):

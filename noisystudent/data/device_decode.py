@@ -91,6 +91,10 @@ class RawJpegDecoder:
             try:
                 with Image.open(io.BytesIO(data)) as img:  # the header only: no pixel is decoded here
                     ok = img.format == "JPEG" and img.mode in DEVICE_MODES
+                # nvJPEG decodes a truncated JPEG without an error (the missing rows come out gray), where
+                # PIL refuses it: one without its end-of-image marker goes to the CPU path, which counts it
+                # as corrupt. The marker cannot occur inside entropy-coded data (0xFF is stuffed there).
+                ok = ok and b"\xff\xd9" in data[-64:]
             except Exception:  # noqa: BLE001 - not even a header: the CPU path reports why
                 ok = False
             if ok:
