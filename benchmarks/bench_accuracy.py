@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,11 @@ def main() -> None:
     p.add_argument("--supervised-epochs", type=float, default=10)
     p.add_argument("--supervised-seeds", type=int, nargs="*", default=[0],
                    help="seeds of the fully supervised reference (none: leave it out)")
+    p.add_argument("--reuse", help="a finished run to copy --reuse-steps from, {seed} for the seed (e.g. "
+                   "OUT/L100-defaults-r2-e5-seed{seed}): an ablation of the student alone skips the teacher and the "
+                   "labels it shares with that run. A copied step whose settings the overrides change stops the "
+                   "benchmark (its result would not be this configuration's)")
+    p.add_argument("--reuse-steps", nargs="+", default=["teacher", "round_1/pseudolabel"])
     p.add_argument("--name", default="", help="a label for this configuration in results.json")
     p.add_argument("overrides", nargs="*", help="key=value for every stage=iterate run (after --)")
     a = p.parse_args()
@@ -116,11 +122,23 @@ def main() -> None:
     # the overrides name the run directories: only characters a path and Hydra's override grammar both take
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(a.overrides)) or "defaults"
     results = {"name": a.name or tag, "labels_per_class": a.labels_per_class, "rounds": a.rounds,
-               "student_epochs": a.student_epochs, "overrides": a.overrides, "seeds": {}, "supervised": {}}
+               "student_epochs": a.student_epochs, "overrides": a.overrides, "reused": a.reuse and a.reuse_steps,
+               "seeds": {}, "supervised": {}}
     for seed in a.seeds:
         run_dir = a.out / f"L{a.labels_per_class}-{tag}-r{a.rounds}-e{a.student_epochs:g}-seed{seed}"
+        if a.reuse:
+            for step in a.reuse_steps:
+                src, dest = Path(a.reuse.format(seed=seed)) / step, run_dir / step
+                if not dest.exists():
+                    shutil.copytree(src, dest)
+        log_start = (a.out / "bench.log").stat().st_size if (a.out / "bench.log").exists() else 0
         run(["stage=iterate", f"run_dir={run_dir}", *common, f"seed={seed}", f"iterate.rounds={a.rounds}",
              f"student.epochs={a.student_epochs}", *a.overrides], a.out / "bench.log")
+        with open(a.out / "bench.log", errors="replace") as f:
+            f.seek(log_start)
+            stale = [line.strip() for line in f if "is finished but its settings changed" in line]
+        if stale:  # a reused step the overrides would have run differently
+            raise SystemExit(f"--reuse: {run_dir} kept a copied step that these overrides change:\n" + "\n".join(stale))
         top1 = [summary(run_dir / "teacher")["top1"]]
         # the steps' own wall times (a rerun that skipped finished steps still reports the whole loop's)
         wall = summary(run_dir / "teacher")["wall_s"]
