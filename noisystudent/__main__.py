@@ -41,12 +41,13 @@ def make_accelerator(cfg: DictConfig):
                                   cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if cuda and local_world > torch.cuda.device_count():
+    gpus = torch.cuda.device_count() if cuda else 0
+    if local_world > gpus > 0:
         # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") only at the first collective
         raise ConfigError(
-            f"{local_world} processes were launched on this node (LOCAL_WORLD_SIZE) but {torch.cuda.device_count()} "
+            f"{local_world} processes were launched on this node (LOCAL_WORLD_SIZE) but {gpus} "
             f"GPU(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one "
-            f"process per GPU. Launch with --num_processes / --nproc_per_node {torch.cuda.device_count()}, or hide "
+            f"process per GPU. Launch with --num_processes / --nproc_per_node {gpus}, or hide "
             "the GPUs (CUDA_VISIBLE_DEVICES=) to run the processes on the CPU")
     # Without an accelerator device, accelerate only sets up the gloo process group when told
     # cpu=True; otherwise each of N launched processes would silently run alone as "rank 0 of 1".

@@ -34,6 +34,11 @@ MULTI_PROCESS_ENV = {"CUDA_VISIBLE_DEVICES": ""} if torch.cuda.device_count() < 
 TESTS_ON_PATH = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
+def launch_env(**extra: str) -> dict:
+    """The environment of a launched multi-process job: unbuffered, one torch thread, MULTI_PROCESS_ENV."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **MULTI_PROCESS_ENV, **extra}
+
+
 def make_cfg(*overrides: str):
     with initialize_config_module("noisystudent.conf", version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
@@ -50,7 +55,7 @@ def run(*overrides: str):
 def cli(*args: str, cwd=None, check=False, timeout=600, launcher=None) -> subprocess.CompletedProcess:
     """Run the real command line (python -m noisystudent ...), or under a launcher (accelerate launch ...)."""
     cmd = (launcher or [sys.executable]) + ["-m", "noisystudent", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(MULTI_PROCESS_ENV if launcher else {})}
+    env = launch_env() if launcher else {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -6,7 +6,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import FAST, MULTI_PROCESS_ENV, cli, run
+from conftest import FAST, cli, launch_env, run
 
 from noisystudent.files import read_json
 
@@ -82,12 +82,11 @@ def test_fewer_unlabeled_shards_than_processes(two_process_run, digits_root, tmp
 def test_two_nodes_one_process_each(digits_root, tmp_path):
     """The multi-node path: two launchers (one per 'node', here both on localhost) rendezvous with
     --nnodes 2 --node_rank i, as pipelines/slurm/stage.sbatch does with srun on real nodes."""
-    import os
     import subprocess
 
     args = ["-m", "noisystudent", "stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST,
             "max_steps=6", "num_workers=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **MULTI_PROCESS_ENV}
+    env = launch_env()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29571",
                                *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -112,7 +111,7 @@ def test_sigterm_stops_both_processes_at_one_log_step(digits_root, tmp_path):
     args = ["-m", "noisystudent", "stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST,
             "train.batch_size=4", "train.epochs=40", "train.ckpt_every_steps=100000", "train.log_every_steps=5",
             "num_workers=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **MULTI_PROCESS_ENV}
+    env = launch_env()
     proc = subprocess.Popen([*ACCELERATE, "--main_process_port", "29543", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     ckpt = tmp_path / "teacher" / CHECKPOINT

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import MULTI_PROCESS_ENV, TESTS_ON_PATH, make_cfg
+from conftest import TESTS_ON_PATH, launch_env, make_cfg
 from device_reads import counted_job, recording_reads, synthetic_batches
 from timm.utils import ModelEmaV3
 
@@ -116,7 +115,7 @@ def test_probe_catches_a_read_in_every_step(tmp_path):
 
 def test_two_processes_read_the_device_only_at_log_intervals(tmp_path):
     """With several processes the SIGTERM agreement is an all-reduce read on the host: at the log interval only."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS_ON_PATH, **MULTI_PROCESS_ENV}
+    env = launch_env(PYTHONPATH=TESTS_ON_PATH)
     proc = subprocess.run([*ACCELERATE, "--main_process_port", "29591", str(Path(__file__).parent / "device_reads.py"),
                            str(tmp_path), "11", "4"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

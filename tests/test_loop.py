@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import MULTI_PROCESS_ENV
+from conftest import launch_env
 from PIL import Image
 
 from noisystudent.data.writer import write_shard
@@ -74,7 +74,7 @@ def _loop_args(shards, run_dir, *extra):
 
 
 def _launch(port: int, *args, **popen):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **MULTI_PROCESS_ENV}
+    env = launch_env()
     return subprocess.Popen([*ACCELERATE, "--main_process_port", str(port), "-m", "noisystudent", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
 
