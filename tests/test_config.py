@@ -34,6 +34,16 @@ def test_presets_carry_the_published_values():
     assert (sched.decay_epochs, sched.decay_rate, sched.warmup_epochs) == (2.4, 0.97, 5)
 
 
+def test_a_recipe_is_opt_in_and_the_command_line_wins_over_it():
+    plain, small = make_cfg(), make_cfg("recipe=small")
+    assert (plain.student.model, plain.student.randaugment) == (None, "rand-n2-m27-mmax27")
+    assert (small.student.model, small.student.randaugment) == ("test_resnet", "rand-n2-m9-mmax27")
+    # only those two keys move; no `recipe` key lands in the config (step settings hashes stay as they were)
+    assert "recipe" not in small
+    assert {**small.student, "model": None, "randaugment": plain.student.randaugment} == dict(plain.student)
+    assert make_cfg("recipe=small", "student.model=test_efficientnet").student.model == "test_efficientnet"
+
+
 def test_lr_scales_with_global_batch():
     opt = make_cfg("optim=rmsproptf").optim
     assert learning_rate(opt, 256) == pytest.approx(0.016)

@@ -79,6 +79,19 @@ def test_equal_or_larger_check(tmp_path, digits_root):
     assert s["model"]["params"] == s["teacher"]["params"] and s["init"] == "teacher"
 
 
+def test_recipe_small_gives_the_larger_student_and_milder_noise(labeled_run, digits_root, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(labeled_run, d)
+    s = _student(d, digits_root, "recipe=small", "max_steps=2")
+    assert s["model"]["name"] == "test_resnet" and s["model"]["params"] > 3 * s["teacher"]["params"]
+    # the student takes the teacher preset's resolution and noise; only RandAugment's magnitude drops
+    assert s["noise"] == {"randaugment": "rand-n2-m9-mmax27", "drop_rate": 0.2, "drop_path_rate": 0.1}
+    assert s["model"]["img_size"] == 32
+    # the command line still wins over the recipe
+    s = _student(d, digits_root, "recipe=small", "student.randaugment=rand-n1-m5", "max_steps=2", "force=true")
+    assert s["noise"]["randaugment"] == "rand-n1-m5" and s["model"]["name"] == "test_resnet"
+
+
 def test_student_input_errors(teacher_copy, labeled_run, digits_root, tmp_path):
     with pytest.raises(MissingInputError, match=r"no pseudo-labels for round 1.*stage=pseudolabel"):
         _student(teacher_copy, digits_root)
