@@ -67,6 +67,10 @@ def test_step_settings_hold_only_the_keys_the_step_reads():
     assert student.STEP.reads(base) == student.STEP.reads(make_cfg("run_dir=/a", "train.randaugment=null",
                                                                    "train.epochs=5"))
     assert student.STEP.reads(base) != student.STEP.reads(make_cfg("run_dir=/a", "student.epochs=5"))
+    # ...unless the student's own is null: then the teacher's RandAugment is the student's noise too
+    inherit = make_cfg("run_dir=/a", "student.randaugment=null")
+    assert student.STEP.reads(inherit) != student.STEP.reads(make_cfg("run_dir=/a", "student.randaugment=null",
+                                                                      "train.randaugment=null"))
     assert pseudolabel.STEP.reads(base) != pseudolabel.STEP.reads(make_cfg("run_dir=/a", "pseudolabel.threshold=0.5"))
 
 

@@ -95,10 +95,11 @@ def settings(cfg: DictConfig) -> StudentSettings:
 
 
 def reads(cfg: DictConfig) -> dict:
-    # train.randaugment is the teacher's; the student's noise is student.randaugment. The preset is
-    # taken as resolved (not iterate.models, whose other rounds do not matter here).
-    drop = ["train.randaugment", "student.model"]
-    for key in ("epochs", "ema_decay", "grad_clip"):
+    # A train.* key that the student's own key of the same name replaces is not read (train.randaugment is
+    # the teacher's noise unless student.randaugment is null). The preset is taken as resolved (not
+    # iterate.models, whose other rounds do not matter here).
+    drop = ["student.model"]
+    for key in ("epochs", "randaugment", "ema_decay", "grad_clip"):
         if cfg.student.get(key) is not None:
             drop.append(f"train.{key}")
     preset = student_model(cfg, int(cfg.round))
