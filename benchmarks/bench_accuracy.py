@@ -106,6 +106,9 @@ def main() -> None:
     p.add_argument("--supervised-epochs", type=float, default=10)
     p.add_argument("--supervised-seeds", type=int, nargs="*", default=[0],
                    help="seeds of the fully supervised reference (none: leave it out)")
+    p.add_argument("--supervised-model", default=None,
+                   help="timm model of the fully supervised reference (default: the teacher's, model=demo); e.g. "
+                        "the student's of a model ladder (recipe=small: test_resnet), for the gap to the larger model")
     p.add_argument("--reuse", help="a finished run to copy --reuse-steps from, {seed} for the seed (e.g. "
                    "OUT/L100-defaults-r2-e5-seed{seed}): an ablation of the student alone skips the teacher and the "
                    "labels it shares with that run. A copied step whose settings the overrides change stops the "
@@ -153,12 +156,14 @@ def main() -> None:
                                   "run_dir": str(run_dir)}
         save(a.out, results)  # after every seed: a long benchmark stopped midway keeps what it measured
     for seed in a.supervised_seeds:
-        run_dir = a.out / f"supervised-L{a.labels_per_class}-e{a.supervised_epochs:g}-seed{seed}"
-        run(["stage=teacher", f"run_dir={run_dir}", *common, f"seed={seed}",
+        model = [f"model.name={a.supervised_model}"] if a.supervised_model else []
+        run_dir = a.out / "-".join(["supervised", f"L{a.labels_per_class}", *([a.supervised_model] if model else []),
+                                    f"e{a.supervised_epochs:g}", f"seed{seed}"])
+        run(["stage=teacher", f"run_dir={run_dir}", *common, *model, f"seed={seed}",
              f"data.labeled=['{data['labeled']}','{data['unlabeled']}']", f"train.epochs={a.supervised_epochs}"],
             a.out / "bench.log")
         done = summary(run_dir / "teacher")
-        results["supervised"][seed] = {"top1": done["top1"], "wall_s": done["wall_s"]}
+        results["supervised"][seed] = {"top1": done["top1"], "wall_s": done["wall_s"], "model": done["model"]["name"]}
         save(a.out, results)
     save(a.out, results)
     print(table(results))
@@ -187,7 +192,8 @@ def table(results: dict) -> str:
         lines.append(f"| {'teacher' if k == 0 else f'round {k} student'} | "
                      + " | ".join(f"{v:.2f}" for v in vals) + f" | {mean_std(vals)} | {closed} |")
     if sup:
-        lines.append(f"| fully supervised (seeds {', '.join(map(str, results['supervised']))}) | "
+        model = next(iter(results["supervised"].values())).get("model", "the teacher's model")
+        lines.append(f"| fully supervised ({model}, seeds {', '.join(map(str, results['supervised']))}) | "
                      + " | " * len(seeds) + f"{mean_std(sup)} | |")
     for k in range(results["rounds"]):
         acc = [v["pseudo_label_accuracy_kept"][k] for v in seeds.values()]
