@@ -145,6 +145,11 @@ class TrainSettings:
     eval_keep: str = "last"  # last | best (the periodic evaluation's best EMA weights)
 
 
+# The train.* keys a section such as `student` can set for itself (train_settings picks each; a step's
+# settings then read the section's key instead of train's).
+OWN_TRAIN_KEYS = ("epochs", "randaugment", "ema_decay", "grad_clip")
+
+
 def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettings:
     """`train.*` (+ optim, sched, the run keys), where each key of the `overrides` section (e.g.
     `student`) that is set replaces the train key of the same name: a student can have its own

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from ..config import (
     DATA_KEYS,
     EVAL_KEYS,
+    OWN_TRAIN_KEYS,
     TrainSettings,
     read_settings,
     round_number,
@@ -99,7 +100,7 @@ def reads(cfg: DictConfig) -> dict:
     # the teacher's noise unless student.randaugment is null). The preset is taken as resolved (not
     # iterate.models, whose other rounds do not matter here).
     drop = ["student.model"]
-    for key in ("epochs", "randaugment", "ema_decay", "grad_clip"):
+    for key in OWN_TRAIN_KEYS:
         if cfg.student.get(key) is not None:
             drop.append(f"train.{key}")
     preset = student_model(cfg, int(cfg.round))
