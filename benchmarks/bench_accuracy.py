@@ -3,7 +3,8 @@ Run by hand (not a test); on 2 CPU cores a full run takes hours (see README, "Ac
 
     apt-get install dataset-fashion-mnist          # 60,000 train + 10,000 test images, 28x28, 10 classes
     python benchmarks/bench_accuracy.py --out /tmp/fmnist                     # 3 seeds, 2 rounds, the defaults
-    python benchmarks/bench_accuracy.py --out /tmp/fmnist --seeds 0 -- student.hard=true   # any key=value after --
+    python benchmarks/bench_accuracy.py --out /tmp/fmnist --seeds 0 -- pseudolabel.hard=true   # any key=value after --
+    python benchmarks/bench_accuracy.py --table /tmp/fmnist/results-a.json /tmp/fmnist/results-b.json   # one table
 
 Shards (made once per label budget and split seed, under --out/data-L<labels>-s<split seed>/): a stratified
 --labels-per-class labeled images per class from the train set; every other train image unlabeled, keeping
@@ -11,7 +12,8 @@ its class in `cls` (never trained on: the pseudo-label audit reads it); the 10,0
 Each seed runs `stage=iterate` in its own run_dir (a rerun skips finished steps). The fully supervised
 reference trains the same model (stage=teacher) on every train image's label for --supervised-epochs.
 Printed: one markdown table (top-1 per round, gap closed, pseudo-label accuracy, wall time) and
---out/results-<name>.json (written after every run)."""
+--out/results-<name>.json (written after every run). Seeds run by separate calls (--name apiece) make one table
+with --table."""
 
 from __future__ import annotations
 
@@ -97,7 +99,10 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default=SRC, help="folder of the four idx .gz files (default: the Debian package's)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", type=Path, help="where the shards, run directories and results go (required to run)")
+    p.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="run nothing: print one table from results files of the same configuration, e.g. seeds run "
+                        "by separate calls, and a results file holding only the fully supervised reference")
     p.add_argument("--labels-per-class", type=int, default=100)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
@@ -117,6 +122,12 @@ def main() -> None:
     p.add_argument("--name", default="", help="a label for this configuration in results.json")
     p.add_argument("overrides", nargs="*", help="key=value for every stage=iterate run (after --)")
     a = p.parse_args()
+    if a.table:
+        merged = merge_results(a.table)
+        print(table({**merged, "name": a.name or merged["name"]}))
+        return
+    if a.out is None:
+        p.error("--out is required to run (only --table runs without it)")
 
     data = make_shards(Path(a.src), a.out / f"data-L{a.labels_per_class}-s{a.split_seed}", a.labels_per_class,
                        a.split_seed)
@@ -174,16 +185,50 @@ def save(out: Path, results: dict) -> None:
     path.write_text(json.dumps(results, indent=1))
 
 
+def merge_results(paths: list[Path]) -> dict:
+    """One results dict from several results files. The files with seeds must share a configuration (label budget,
+    rounds, student epochs, overrides); the supervised references must share the label budget and model."""
+    runs = [(path, json.loads(path.read_text())) for path in paths]
+    with_seeds = [(path, r) for path, r in runs if r["seeds"]]
+    if not with_seeds:
+        raise SystemExit("--table: none of these results files has a seed; name at least one run's results")
+    first_path, merged = with_seeds[0]
+    merged = {**merged, "seeds": {}, "supervised": {}}
+    config = ("labels_per_class", "rounds", "student_epochs", "overrides")
+    sup_model = None
+    for path, r in runs:
+        if r["seeds"]:
+            differ = [k for k in config if r[k] != merged[k]]
+            if differ:
+                raise SystemExit(f"--table: {path} differs from {first_path} in {', '.join(differ)}: "
+                                 "a table is for one configuration")
+            merged["seeds"].update(r["seeds"])
+        if r["supervised"]:
+            if r["labels_per_class"] != merged["labels_per_class"]:
+                raise SystemExit(f"--table: {path}'s supervised reference is for {r['labels_per_class']} labels per "
+                                 f"class, the runs for {merged['labels_per_class']}")
+            for seed, v in r["supervised"].items():
+                model = v.get("model", "the teacher's model")  # files from before the model was recorded
+                if sup_model not in (None, model):
+                    raise SystemExit(f"--table: supervised references of two models ({sup_model}, {model}); "
+                                     "name the results files of one")
+                sup_model = model
+                merged["supervised"][seed] = v
+    merged["seeds"] = dict(sorted(merged["seeds"].items(), key=lambda kv: int(kv[0])))
+    return merged
+
+
 def table(results: dict) -> str:
     seeds = results["seeds"]
     sup = [100 * v["top1"] for v in results["supervised"].values()]
     ref = statistics.mean(sup) if sup else None
     lines = [f"{results['name']}: {results['labels_per_class']} labels per class, student.epochs="
-             f"{results['student_epochs']}, seeds {', '.join(map(str, seeds))}", "",
-             "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | gap closed |",
+             f"{results['student_epochs']}, seeds {', '.join(map(str, seeds)) or 'none'}", "",
+             "| " + " | ".join(["model", *(f"seed {s}" for s in seeds), "mean ± std", "gap closed"]) + " |",
              "|---|" + "---|" * len(seeds) + "---|---|"]
     teacher = [100 * v["top1"][0] for v in seeds.values()]
-    for k in range(results["rounds"] + 1):
+    # a call with no seeds (only the supervised reference) has no teacher or rounds to show
+    for k in range(results["rounds"] + 1 if seeds else 0):
         vals = [100 * v["top1"][k] for v in seeds.values()]
         closed = ""
         if ref is not None and k:
@@ -195,11 +240,12 @@ def table(results: dict) -> str:
         model = next(iter(results["supervised"].values())).get("model", "the teacher's model")
         lines.append(f"| fully supervised ({model}, seeds {', '.join(map(str, results['supervised']))}) | "
                      + " | " * len(seeds) + f"{mean_std(sup)} | |")
-    for k in range(results["rounds"]):
+    for k in range(results["rounds"] if seeds else 0):
         acc = [v["pseudo_label_accuracy_kept"][k] for v in seeds.values()]
         lines.append(f"| round {k + 1} pseudo-labels kept, right | "
                      + " | ".join("-" if x is None else f"{100 * x:.1f}" for x in acc) + " | | |")
-    lines.append("| wall (min) | " + " | ".join(f"{v['wall_s'] / 60:.0f}" for v in seeds.values()) + " | | |")
+    if seeds:
+        lines.append("| wall (min) | " + " | ".join(f"{v['wall_s'] / 60:.0f}" for v in seeds.values()) + " | | |")
     return "\n".join(lines)
 
 
