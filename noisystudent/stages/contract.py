@@ -121,7 +121,7 @@ def run_step(step: Step, cfg: DictConfig, accelerator) -> dict:
             summary = read_summary(out)
             if accelerator.is_main_process:
                 changed = changed_settings(summary.get("settings", reads), reads)
-                if changed:
+                if changed:  # benchmarks/bench_accuracy.py --reuse looks for this wording: keep them together
                     log.warning("%s is finished but its settings changed since it ran: %s. It is skipped and "
                                 "keeps its result; force=true reruns it", out, "; ".join(changed))
                 else:
