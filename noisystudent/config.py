@@ -145,8 +145,8 @@ class TrainSettings:
     eval_keep: str = "last"  # last | best (the periodic evaluation's best EMA weights)
 
 
-# The train.* keys a section such as `student` can set for itself (train_settings picks each; a step's
-# settings then read the section's key instead of train's).
+# The train.* keys a section such as `student` can set for itself: train_settings picks each from this
+# list, and a step's settings (student.reads) then read the section's key instead of train's.
 OWN_TRAIN_KEYS = ("epochs", "randaugment", "ema_decay", "grad_clip")
 
 
@@ -160,10 +160,12 @@ def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettin
             return f"{overrides}.{name}", OmegaConf.select(cfg, f"{overrides}.{name}")
         return f"train.{name}", OmegaConf.select(cfg, f"train.{name}")
 
-    epochs_key, epochs = pick("epochs")
-    ra_key, randaugment = pick("randaugment")
-    ema_key, ema_decay = pick("ema_decay")
-    clip_key, grad_clip = pick("grad_clip")
+    # every key a section may set for itself, from the one list the step's settings also read
+    picked = {name: pick(name) for name in OWN_TRAIN_KEYS}
+    epochs_key, epochs = picked["epochs"]
+    ra_key, randaugment = picked["randaugment"]
+    ema_key, ema_decay = picked["ema_decay"]
+    clip_key, grad_clip = picked["grad_clip"]
     if not isinstance(ema_decay, int | float) or not 0.0 <= float(ema_decay) < 1.0:
         raise ConfigError(f"{ema_key}={ema_decay!r} must be in [0, 1) (e.g. 0.9999)")
     smoothing = OmegaConf.select(cfg, "train.label_smoothing")
