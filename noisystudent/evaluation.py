@@ -11,6 +11,7 @@ import torch
 from .data.shards import SampleDecoder
 from .data.streams import make_loader, ordered_stream, rank_shards
 from .data.transforms import InputNormalizer, model_norm
+from .errors import DataError
 
 # no_grad, not inference_mode: the model evaluated may be updated afterwards (the EMA model of a periodic
 # evaluation, its BatchNorm statistics then re-estimated), and a tensor made in inference mode cannot be
@@ -22,16 +23,25 @@ ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) measure expec
 @torch.no_grad()
 def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, batch_size: int,
              num_workers: int, channels_last: bool = False, worker_nice: int = 0, temperature: float = 1.0,
-             nll_temperatures: torch.Tensor | None = None) -> dict:
+             nll_temperatures: torch.Tensor | None = None, dali: dict | None = None) -> dict:
     """Metrics of `model` on the labeled shards `urls`; probabilities are softmax(logits / temperature).
-    `nll_temperatures`: also the mean NLL at each of these temperatures ("nll_at", for calibration.py)."""
+    `nll_temperatures`: also the mean NLL at each of these temperatures ("nll_at", for calibration.py).
+    `dali` ({"index_dir", "recipe"}): read through DALI (data/dali.py) instead of the torch loader."""
     device = accelerator.device
     model = model.to(device).eval()
-    decoder = SampleDecoder(transform, num_classes, labeled=True)
     normalize = InputNormalizer(*model_norm(model), channels_last=channels_last)
     mine = rank_shards(urls, accelerator.process_index, accelerator.num_processes)
-    loader = make_loader(ordered_stream(urls, decoder, batch_size), num_workers, len(mine), worker_nice,
-                         pin_memory=device.type == "cuda")
+    if dali is not None:
+        from .data.dali import ordered_batches
+        from .data.dali_index import index_shards
+
+        records = index_shards(dali["index_dir"], urls, max(1, num_workers), accelerator)
+        loader = ordered_batches(mine, records, dali["index_dir"], dali["recipe"], batch_size, max(1, num_workers),
+                                 device, labeled=True, num_classes=num_classes)
+    else:
+        decoder = SampleDecoder(transform, num_classes, labeled=True)
+        loader = make_loader(ordered_stream(urls, decoder, batch_size), num_workers, len(mine), worker_nice,
+                             pin_memory=device.type == "cuda")
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
@@ -44,6 +54,8 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
     k = min(5, num_classes)
     if mine:  # a process without shards still joins the reduce below, so it cannot hang it
         for batch in loader:
+            if "error" in batch:  # DALI path: a shard the index pass could not read, as the torch loader's reraise
+                raise DataError(f"evaluation: {batch['error']}")
             corrupt += batch["n_corrupt"]
             if batch["images"].numel() == 0:
                 continue

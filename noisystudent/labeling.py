@@ -37,14 +37,29 @@ class Decoding:
 def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str], transform, resize_crop,
               how: Decoding, topk: int, temperature: float = 1.0, read: Callable = read_tar,
               counts: dict | None = None, num_classes: int | None = None, audit_classes: bool = False,
-              raw_temperature: float | None = None) -> Iterator[dict]:
+              raw_temperature: float | None = None, dali: dict | None = None) -> Iterator[dict]:
     """Yield, source by source, {"source", "keys", "corrupt", "topk_ids", "topk_probs", "confidence",
     "argmax", "cls", "confidence_raw"} (the arrays as label files store them), or {"source", "error"} for a
     source that cannot be read. "cls": each image's class from its sample's `cls` (-1 where it has none;
     audit_classes=True, else all -1); "confidence_raw": the top-1 probability at `raw_temperature` (None when
     it is not given: the temperature was not changed by a calibration). `counts` receives the device
-    decoder's counts (decode=gpu)."""
+    decoder's counts (decode=gpu). `dali` ({"index_dir", "recipe"}): the sources are shards read through DALI
+    (data/dali.py; decoding on the GPU for a CUDA device) instead of the torch loader, and `how.decode` is
+    not used."""
     device = accelerator.device
+    if dali is not None:
+        from .data.dali import ordered_batches
+        from .data.dali_index import index_shards
+
+        # this process's sources only (they are disjoint across processes): no collective here
+        records = index_shards(dali["index_dir"], sources, max(1, how.num_workers))
+        loader = ordered_batches(sources, records, dali["index_dir"], dali["recipe"], how.batch_size,
+                                 max(1, how.num_workers), device, labeled=False, num_classes=num_classes,
+                                 audit_classes=audit_classes)
+        if counts is not None:
+            counts["decoder"] = "dali (nvJPEG, mixed)" if device.type == "cuda" else "dali (CPU operators)"
+        yield from _label_batches(accelerator, model, normalize, loader, None, topk, temperature, raw_temperature)
+        return
     # PIL draft decoding DCT-scales a JPEG by 1/2, 1/4 or 1/8 while staying at or above the size asked for:
     # ask for the resize target (not the crop), so the bicubic resize after it never enlarges the image
     draft = resize_target(resize_crop) if how.jpeg_draft else None
@@ -62,6 +77,15 @@ def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str]
     else:
         batches = ShardBatches(sources, cpu_decoder, how.batch_size, read=read)
     loader = make_loader(batches, how.num_workers, len(sources), how.nice, pin_memory=device.type == "cuda")
+    yield from _label_batches(accelerator, model, normalize, loader, device_decoder, topk, temperature, raw_temperature)
+    if counts is not None and device_decoder is not None:
+        counts.update(device_decoder.counts, decoder=device_decoder.backend)
+
+
+def _label_batches(accelerator, model, normalize, loader, device_decoder, topk: int, temperature: float,
+                   raw_temperature: float | None) -> Iterator[dict]:
+    """The loop of `run_model` over batches that never cross a source (the torch loader's or DALI's)."""
+    device = accelerator.device
     parts: dict[str, list] = {}
     corrupt: dict[str, list[str]] = {}
 
@@ -114,5 +138,3 @@ def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str]
             pending = (source, keys if top is not None else [], labels, batch["last"], top)
         if pending and (done := finish(*pending)):
             yield done
-    if counts is not None and device_decoder is not None:
-        counts.update(device_decoder.counts, decoder=device_decoder.backend)

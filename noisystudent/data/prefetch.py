@@ -34,8 +34,14 @@ class DevicePrefetcher:
 
     def _load(self, batch: dict) -> dict:
         out = dict(batch)
+        if self.stream is not None and any(torch.is_tensor(v) and v.device == self.device for v in batch.values()):
+            # made on the device already (the DALI loader copies its output on the compute stream): the side
+            # stream must not read it before that copy is done (a device-side wait)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             for k, v in batch.items():
+                if torch.is_tensor(v) and v.device == self.device:
+                    continue
                 if torch.is_tensor(v):
                     out[k] = pinned(v).to(self.device, non_blocking=True) if self.stream else v.to(self.device)
             if out["images"].numel():

@@ -177,7 +177,9 @@ def concat_images(parts: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
     if len(parts) == 1 and not pin_memory:
         return parts[0]
     n, (c, h, w) = sum(p.shape[0] for p in parts), parts[0].shape[1:]
-    out = torch.empty((n, h, w, c), dtype=parts[0].dtype, pin_memory=pin_memory).permute(0, 3, 1, 2)
+    on_device = parts[0].device.type != "cpu"  # the DALI loader's batches are on the GPU already
+    out = torch.empty((n, h, w, c), dtype=parts[0].dtype, device=parts[0].device,
+                      pin_memory=pin_memory and not on_device).permute(0, 3, 1, 2)
     return torch.cat(parts, out=out)
 
 

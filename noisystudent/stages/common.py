@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +30,42 @@ def num_classes(cfg: DictConfig) -> int:
     return positive_int(cfg, "data.num_classes")
 
 
+DALI_INDEX = "dali_index"  # run_dir/dali_index/: the DALI path's index records of every shard a run read
+
+
+def uses_dali(cfg: DictConfig) -> bool:
+    """data.loader (auto resolved for the device as the stage starts: config.resolve_device_settings)."""
+    return cfg.data.get("loader", "torch") == "dali"
+
+
+def dali_records(cfg: DictConfig, accelerator, urls: list[str]) -> dict:
+    """The index pass over `urls` (data/dali_index.py; every process takes part): url -> ShardRecord,
+    made once per shard for the run and reused by every later step."""
+    from ..data.dali_index import index_shards
+
+    return index_shards(Path(cfg.run_dir) / DALI_INDEX, urls, max(1, int(cfg.num_workers)), accelerator)
+
+
+def dali_training_stream(cfg: DictConfig, accelerator, urls: list[str], recipe, batch_size: int, shuffle_buffer: int,
+                         labeled: bool, nc: int | None, **kw):
+    """seed -> DALI training batches over `urls` (data/dali.py), after the index pass."""
+    from ..data.dali import training_batches
+
+    records = dali_records(cfg, accelerator, urls)
+    return training_batches(urls, records, Path(cfg.run_dir) / DALI_INDEX, recipe, batch_size, shuffle_buffer,
+                            max(1, int(cfg.num_workers)), accelerator.device, accelerator.process_index,
+                            accelerator.num_processes, labeled, nc, **kw), records
+
+
+def dali_eval(cfg: DictConfig, img_size: int) -> dict | None:
+    """What `evaluate` needs to read through DALI (None on the torch path)."""
+    if not uses_dali(cfg):
+        return None
+    from ..data.dali import eval_recipe
+
+    return {"index_dir": Path(cfg.run_dir) / DALI_INDEX, "recipe": eval_recipe(img_size, cfg.data)}
+
+
 def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
                      after_training: Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Train, evaluate the EMA weights on data.eval, export them (main process); the step's summary.
@@ -39,7 +76,7 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     def on_eval_set(model):
         return evaluate(accelerator, model, shards(cfg, "eval"), nc, eval_transform(eval_img_size(model_info),
                         cfg.data), int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
-                        worker_nice(cfg, accelerator.device))
+                        worker_nice(cfg, accelerator.device), dali=dali_eval(cfg, eval_img_size(model_info)))
 
     job.evaluate = on_eval_set  # eval.every_epochs: the same evaluation during training
     ema_model, summary = fit(accelerator, job)

@@ -13,7 +13,7 @@ from ..evaluation import evaluate
 from ..models import check_num_classes, eval_img_size, load_exported_model
 from ..report import report_row, write_report
 from ..rundir import command_for_round, finished_models, teacher_dir
-from .common import num_classes, shards
+from .common import dali_eval, num_classes, shards
 from .contract import Step, StepRun
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def work(run: StepRun) -> dict:
         check_num_classes(info["num_classes"], nc, f"the model in {step_dir}", "evaluate on data of its classes")
         metrics = evaluate(accelerator, model, run.inputs["eval"], nc, eval_transform(eval_img_size(info), cfg.data),
                            int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
-                           worker_nice(cfg, accelerator.device))
+                           worker_nice(cfg, accelerator.device), dali=dali_eval(cfg, eval_img_size(info)))
         rows.append(report_row(round_idx, role, info, metrics, step_dir))
         log.info("%s (round %d, %s): top-1 %.4f top-5 %.4f", role, round_idx, info["name"], metrics["top1"],
                  metrics["top5"])
@@ -50,4 +50,5 @@ def work(run: StepRun) -> dict:
     return report
 
 
-STEP = Step("evaluate", settings, lambda cfg: read_settings(cfg, ("data.eval", "data.num_classes")), inputs, work)
+STEP = Step("evaluate", settings, lambda cfg: read_settings(cfg, ("data.eval", "data.num_classes", "data.loader")),
+            inputs, work)

@@ -33,6 +33,7 @@ from ..config import (
     train_settings,
     worker_nice,
 )
+from ..data.dali import eval_recipe, index_summary, summary_counts
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import SampleDecoder, count_samples
 from ..data.streams import labeled_batches
@@ -43,7 +44,7 @@ from ..files import read_json
 from ..losses import noisy_student_loss
 from ..models import MODEL_INFO, MODEL_WEIGHTS, check_num_classes, create_model, freeze_stages, load_weights
 from ..rundir import command_for_round, finetune_dir, is_done, read_summary, student_dir
-from .common import num_classes, shards, train_and_export
+from .common import dali_training_stream, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
 
 
@@ -144,7 +145,16 @@ def work(run: StepRun) -> dict:
     decoder = SampleDecoder(eval_transform(size, cfg.data), s.num_classes, labeled=True)
     nice, pin = worker_nice(cfg, accelerator.device), accelerator.device.type == "cuda"
 
+    loader = {"loader": "torch"}
+    if uses_dali(cfg):  # one DALI stream (its threads: num_workers) serves training and the BatchNorm pass
+        dali_stream, records = dali_training_stream(cfg, accelerator, inp["labeled"], eval_recipe(size, cfg.data),
+                                                    t.batch_size, t.shuffle_buffer, labeled=True, nc=s.num_classes)
+        found = index_summary(records, inp["labeled"])
+        loader = {"loader": "dali", "dali_index": found, **summary_counts(found)}
+
     def stream(workers: int):
+        if loader["loader"] == "dali":
+            return dali_stream
         return labeled_batches(inp["labeled"], decoder, t.batch_size, t.shuffle_buffer, workers, nice, pin_memory=pin)
 
     job = TrainJob(
@@ -158,7 +168,7 @@ def work(run: StepRun) -> dict:
         settings_hash=run.settings_hash,
         extra_summary={"round": s.round, "source": str(inp["source"]), "img_size": size,
                        "trained_at": int(info["img_size"]), "labeled_images": inp["n_labeled"],
-                       "frozen": frozen, "lr_scale": s.lr_scale},
+                       "frozen": frozen, "lr_scale": s.lr_scale, **loader},
     )
 
     def recalibrate(ema_model) -> dict:

@@ -32,6 +32,7 @@ from ..inference import prepare
 from ..labeling import Decoding, run_model
 from ..models import MODEL_WEIGHTS, eval_img_size, load_exported_model
 from ..rundir import SUMMARY, command_for_round, finished_models, is_done, read_summary
+from .common import DALI_INDEX, uses_dali
 from .contract import Step, StepRun
 from .export import class_names
 
@@ -67,7 +68,8 @@ def settings(cfg: DictConfig) -> PredictSettings:
 
 
 def reads(cfg: DictConfig) -> dict:
-    out = read_settings(cfg, ("predict.src", "predict.model", "predict.topk", "data.crop_pct", "pseudolabel.decode"))
+    out = read_settings(cfg, ("predict.src", "predict.model", "predict.topk", "data.crop_pct", "pseudolabel.decode",
+                                "data.loader"))
     # which model predict.model resolves to, and the settings hash of the step that made it: predictions of a
     # model trained or exported since are not these
     _, path = _resolve(cfg, cfg.predict.model)
@@ -167,7 +169,15 @@ def work(run: StepRun) -> dict:
     how = Decoding(s.decode, s.jpeg_draft, s.batch_size, int(cfg.num_workers), worker_nice(cfg, accelerator.device))
     k = min(s.topk, int(info["num_classes"]))
     (run.out / ".parts").mkdir(parents=True, exist_ok=True)
-    for done in run_model(accelerator, model, normalize, mine, transform, resize_crop, how, k, read=inp["read"]):
+    # DALI reads shards; a directory of image files goes through the torch loader (its summary says which ran)
+    dali = None
+    if uses_dali(cfg) and inp["read"] is read_tar:
+        from ..data.dali import eval_recipe
+
+        dali = {"index_dir": Path(cfg.run_dir) / DALI_INDEX, "recipe": eval_recipe(size, data_cfg)}
+    inp["loader"] = "dali" if dali else "torch"
+    for done in run_model(accelerator, model, normalize, mine, transform, resize_crop, how, k, read=inp["read"],
+                          dali=dali):
         record = {"source": done["source"], "error": done.get("error"), "corrupt": done.get("corrupt", [])}
         lines = [json.dumps(record)]  # the first line of a part: what was skipped in this source
         if "error" in done:
@@ -212,7 +222,7 @@ def _join(out: Path, inp: dict, k: int) -> dict:
              len(corrupt), len(unreadable))
     return {"model": inp["info"], "model_from": inp["origin"], "images": images, "corrupt_skipped": len(corrupt),
             "corrupt": corrupt[:1000], "unreadable_sources": unreadable, "other_files_left_out": inp["other_files"],
-            "topk": k, "label_names": bool(inp["names"]), "files": [PREDICTIONS, TABLE]}
+            "topk": k, "label_names": bool(inp["names"]), "files": [PREDICTIONS, TABLE], "loader": inp["loader"]}
 
 
 STEP = Step("predict", settings, reads, inputs, work, out_dir=out_dir, outputs=(PREDICTIONS, TABLE, ".parts"))

@@ -38,7 +38,7 @@ from ..models import check_num_classes, eval_img_size, load_exported_model
 from ..plots import pct, pyplot, save_png
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
 from ..selection import HIST_BINS, Selection, class_statistics, select
-from .common import num_classes, shards
+from .common import dali_eval, num_classes, shards
 from .contract import Step, StepRun, main_decides
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def reads(cfg: DictConfig) -> dict:
                                "pseudolabel.threshold", "pseudolabel.topk",
                                "pseudolabel.temperature", "pseudolabel.hard", "pseudolabel.balance",
                                "pseudolabel.per_class", "pseudolabel.decode", "pseudolabel.audit",
-                               "pseudolabel.calibrate", "data.audit",
+                               "pseudolabel.calibrate", "data.audit", "data.loader",
                                *(("data.calibration",) if cfg.pseudolabel.get("calibrate") else ())))
 
 
@@ -142,7 +142,7 @@ def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNo
     counts: dict = {}
     for done in run_model(accelerator, model, normalize, todo, transform, resize_crop, how, p.topk, temperature,
                           counts=counts, num_classes=p.num_classes, audit_classes=audit_classes,
-                          raw_temperature=1.0 if p.calibrate else None):
+                          raw_temperature=1.0 if p.calibrate else None, dali=run.inputs["dali"]):
         url = done["source"]
         if "error" in done:
             if p.strict_shards:
@@ -205,6 +205,7 @@ def work(run: StepRun) -> dict:
 
     img_size = eval_img_size(info)
     transform = eval_transform(img_size, cfg.data)
+    run.inputs["dali"] = dali_eval(cfg, img_size)
     normalize = InputNormalizer(*model_norm(model), channels_last=bool(cfg.channels_last))
     example = torch.randn(2, 3, img_size, img_size)
     model, applied = prepare(model, example, s.fuse_bn, bool(cfg.channels_last), s.compile)
@@ -233,6 +234,9 @@ def work(run: StepRun) -> dict:
     applied["decode"] = {"where": s.decode, **({"decoder": counts.get("decoder"),
                                                  "device_decoded": device_decoded, "cpu_fallback": cpu_fallback}
                                                 if s.decode == "gpu" else {})}
+    if run.inputs["dali"] is not None:  # DALI read and decoded every image; pseudolabel.decode was not used
+        applied["decode"] = {"where": "dali", "decoder": counts.get("decoder")}
+    applied["loader"] = str(cfg.data.get("loader", "torch"))
     applied["peak_device_memory_mib"] = peak_device_memory_mib(accelerator.device)  # the main process's
     accelerator.wait_for_everyone()  # every label file is written
     if not accelerator.is_main_process:
@@ -273,7 +277,7 @@ def calibrate(run: StepRun, model, transform) -> dict:
     def measure(temperature, grid):
         return evaluate(accelerator, model, urls, run.settings.num_classes, transform, int(cfg.eval.batch_size),
                         int(cfg.num_workers), bool(cfg.channels_last), worker_nice(cfg, accelerator.device),
-                        temperature=temperature, nll_temperatures=grid)
+                        temperature=temperature, nll_temperatures=grid, dali=run.inputs["dali"])
 
     found = fit_temperature(measure, key)
     if accelerator.is_main_process:

@@ -24,6 +24,7 @@ from ..config import (
     train_settings,
     worker_nice,
 )
+from ..data.dali import index_summary, pseudo_labeled_index, summary_counts, train_recipe
 from ..data.shards import SampleDecoder
 from ..data.streams import JoinPseudoLabels, labeled_batches, mixed_batches, pseudo_labeled_batches
 from ..data.transforms import train_transform
@@ -46,7 +47,7 @@ from ..online_targets import OnlineTargets
 from ..presets import student_model
 from ..rundir import command_for_round, is_done, model_dir_for_round, pseudolabel_dir, read_summary, student_dir
 from ..selection import Selection
-from .common import num_classes, shards, train_and_export
+from .common import DALI_INDEX, dali_records, dali_training_stream, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
 
 
@@ -172,12 +173,16 @@ def work(run: StepRun) -> dict:
             targets = online(b["images"][len(b["labels"]):])
         return noisy_student_loss(logits, b["labels"], targets, t.label_smoothing, s.unlabeled_weight)
 
-    batches = mixed_batches(
-        labeled_batches(inp["labeled"], SampleDecoder(tf, s.num_classes, labeled=True), t.batch_size,
-                        t.shuffle_buffer, lab_workers, nice),
-        pseudo_labeled_batches(inp["unlabeled"], join, SampleDecoder(tf, None, labeled=False), unl_batch,
-                               t.shuffle_buffer, unl_workers, nice),
-        pin_memory=accelerator.device.type == "cuda")
+    loader = {"loader": "torch", "loader_workers": {"labeled": lab_workers, "unlabeled": unl_workers}}
+    if uses_dali(cfg):
+        labeled, unlabeled, loader = dali_streams(run, tf_recipe=train_recipe(s.preset["img_size"], cfg.data,
+                                                                              t.randaugment), unl_batch=unl_batch)
+    else:
+        labeled = labeled_batches(inp["labeled"], SampleDecoder(tf, s.num_classes, labeled=True), t.batch_size,
+                                  t.shuffle_buffer, lab_workers, nice)
+        unlabeled = pseudo_labeled_batches(inp["unlabeled"], join, SampleDecoder(tf, None, labeled=False), unl_batch,
+                                           t.shuffle_buffer, unl_workers, nice)
+    batches = mixed_batches(labeled, unlabeled, pin_memory=accelerator.device.type == "cuda")
     job = TrainJob(
         step_dir=run.out,
         model=model,
@@ -196,12 +201,33 @@ def work(run: StepRun) -> dict:
             "init": s.init, "targets": s.targets,
             "pseudo_labeled_images": n_selected, "hard_labels": bool(inp["selection"].get("hard")),
             "labeled_images_per_step": global_batch,
-            "loader_workers": {"labeled": lab_workers, "unlabeled": unl_workers},
+            **loader,
         },
     )
     info = {**s.preset, "drop_rate": s.drop_rate, "drop_path_rate": s.drop_path_rate, "role": "student",
             "round": s.round}
     return train_and_export(run, job, info)
+
+
+def dali_streams(run: StepRun, tf_recipe, unl_batch: int):
+    """The student's two streams through DALI (data/dali.py): the labeled one, and the pseudo-labeled one
+    reading index files that list each selected image as often as the selection repeats it (in the step's
+    dali_index/, remade at every start: they follow the selection). Each stream's pipeline has num_workers
+    threads."""
+    cfg, s, accelerator, inp = run.cfg, run.settings, run.accelerator, run.inputs
+    t = s.train
+    labeled, lab_records = dali_training_stream(cfg, accelerator, inp["labeled"], tf_recipe, t.batch_size,
+                                                t.shuffle_buffer, labeled=True, nc=s.num_classes)
+    unl_records = dali_records(cfg, accelerator, inp["unlabeled"])
+    index_files, fill, listed = pseudo_labeled_index(
+        unl_records, inp["unlabeled"], inp["paths"], Selection.from_json(inp["selection"]), s.num_classes,
+        run.out / DALI_INDEX, accelerator.process_index, accelerator.num_processes)
+    unlabeled, _ = dali_training_stream(cfg, accelerator, inp["unlabeled"], tf_recipe, unl_batch, t.shuffle_buffer,
+                                        labeled=False, nc=None, seed_offset=17, index_files=index_files,
+                                        targets=fill)
+    lab_found, unl_found = index_summary(lab_records, inp["labeled"]), index_summary(unl_records, inp["unlabeled"])
+    return labeled, unlabeled, {"loader": "dali", **summary_counts(lab_found, unl_found), "dali_index": {
+        "labeled": lab_found, "unlabeled": {**unl_found, "listed_by_process_0": listed}}}
 
 
 STEP = Step("student", settings, reads, inputs, work, out_dir=lambda cfg: student_dir(cfg.run_dir, cfg.round),

@@ -16,6 +16,7 @@ from ..config import (
     train_settings,
     worker_nice,
 )
+from ..data.dali import index_summary, summary_counts, train_recipe
 from ..data.shards import SampleDecoder, count_samples
 from ..data.streams import labeled_batches
 from ..data.transforms import train_transform
@@ -23,7 +24,7 @@ from ..engine import TrainJob
 from ..losses import noisy_student_loss
 from ..models import check_model_name, create_model
 from ..rundir import teacher_dir
-from .common import num_classes, shards, train_and_export
+from .common import dali_training_stream, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
 
 
@@ -58,18 +59,27 @@ def work(run: StepRun) -> dict:
                          cfg.init.checkpoint)
     t = s.train
     global_batch = t.batch_size * accelerator.num_processes
-    decoder = SampleDecoder(train_transform(m.img_size, cfg.data, t.randaugment), s.num_classes, labeled=True)
+    loader = {"loader": "torch"}
+    if uses_dali(cfg):
+        batches, records = dali_training_stream(cfg, accelerator, run.inputs["labeled"],
+                                                train_recipe(m.img_size, cfg.data, t.randaugment), t.batch_size,
+                                                t.shuffle_buffer, labeled=True, nc=s.num_classes)
+        found = index_summary(records, run.inputs["labeled"])
+        loader = {"loader": "dali", "dali_index": found, **summary_counts(found)}
+    else:
+        decoder = SampleDecoder(train_transform(m.img_size, cfg.data, t.randaugment), s.num_classes, labeled=True)
+        batches = labeled_batches(run.inputs["labeled"], decoder, t.batch_size, t.shuffle_buffer, t.num_workers,
+                                  worker_nice(cfg, accelerator.device), pin_memory=accelerator.device.type == "cuda")
     job = TrainJob(
         step_dir=run.out,
         model=model,
         settings=t,
         steps_per_epoch=steps_per_epoch(run.inputs["n_labeled"], global_batch),
         global_batch=global_batch,
-        batches=labeled_batches(run.inputs["labeled"], decoder, t.batch_size, t.shuffle_buffer, t.num_workers,
-                                worker_nice(cfg, accelerator.device), pin_memory=accelerator.device.type == "cuda"),
+        batches=batches,
         loss=lambda logits, b: noisy_student_loss(logits, b["labels"], None, t.label_smoothing, 0.0),
         settings_hash=run.settings_hash,
-        extra_summary={"labeled_images": run.inputs["n_labeled"], "randaugment": t.randaugment},
+        extra_summary={"labeled_images": run.inputs["n_labeled"], "randaugment": t.randaugment, **loader},
     )
     info = {"name": m.name, "img_size": m.img_size, "test_img_size": m.get("test_img_size") or m.img_size,
             "drop_rate": m.drop_rate, "drop_path_rate": m.drop_path_rate, "role": "teacher"}
