@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from PIL import Image
+
+from noisystudent.data.writer import write_shard
 
 # small and quick: 32 px test model, few steps, one loader worker
 FAST = [
@@ -97,3 +102,61 @@ def teacher_copy(teacher_run, tmp_path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(teacher_run, dst)
     return dst
+
+
+# JPEG shards for the decode tests (pseudolabel.decode=gpu, data.loader=dali): the digits as photos
+KINDS = {"cmyk": 7, "png": 11, "corrupt": 29}  # every n-th image is one of these; the others RGB or gray JPEGs
+
+
+def _encode_image(img: Image.Image, kind: str) -> tuple[str, bytes]:
+    buf = io.BytesIO()
+    if kind == "png":
+        img.save(buf, format="PNG")
+        return "png", buf.getvalue()
+    if kind == "cmyk":
+        img.convert("CMYK").save(buf, format="JPEG", quality=90)
+    else:
+        img.save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    if kind == "corrupt":  # a valid header, then the scan cut off: no decoder can read it
+        data = data[: len(data) // 2]
+    return "jpg", data
+
+
+def jpeg_kind(i: int) -> str:
+    for kind, every in KINDS.items():
+        if i % every == every - 1:
+            return kind
+    return "gray" if i % 5 == 0 else "rgb"
+
+
+@pytest.fixture(scope="session")
+def jpeg_shards(tmp_path_factory):
+    """The digits as photos of varied sizes (24-120 px, some wider than tall), mostly JPEG, in 3 shards."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images[:480]
+    rng = np.random.default_rng(0)
+    d = tmp_path_factory.mktemp("jpegs")
+    for s in range(3):
+        samples = []
+        for i in range(s * 160, (s + 1) * 160):
+            h = int(rng.integers(24, 121))
+            w = int(h * rng.uniform(0.7, 1.4))
+            gray = Image.fromarray((digits[i] * 255 / 16).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+            tint = rng.uniform(0.6, 1.0, 3)
+            img = gray if jpeg_kind(i) == "gray" else Image.fromarray(
+                (np.asarray(gray, np.float32)[..., None] * tint).astype(np.uint8))
+            ext, data = _encode_image(img, jpeg_kind(i))
+            samples.append({"__key__": f"img{i:04d}", ext: data})
+        write_shard(d / f"u-{s:06d}.tar", samples)
+    return d
+
+
+@pytest.fixture(scope="session")
+def good_teacher(tmp_path_factory, digits_root):
+    """A teacher as sure of itself as a real one (the demo's 60 epochs, 420 steps): near-ties, which any change
+    of pixels flips, are then as rare as in real labeling. Shared by the decode tests of both paths."""
+    d = tmp_path_factory.mktemp("good_teacher")
+    run("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "train.epochs=60")
+    return d

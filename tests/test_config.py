@@ -112,12 +112,16 @@ def test_unknown_stage_is_rejected(tmp_path):
 
 def test_device_settings_resolve_auto_for_the_device_and_explicit_values_win():
     from noisystudent.config import resolve_device_settings
+    from noisystudent.data.dali import dali_available
 
-    for device, expected in (("cpu", (False, "cpu")), ("cuda", (True, "gpu"))):
+    # decode=auto is the CPU path on every device (measured faster on an H100); the loader is DALI on CUDA
+    # where it is installed
+    cuda_loader = "dali" if dali_available() else "torch"
+    for device, expected in (("cpu", (False, "cpu", "torch")), ("cuda", (True, "cpu", cuda_loader))):
         cfg = make_cfg()
-        assert (cfg.precision, cfg.channels_last, cfg.pseudolabel.decode) == ("auto", "auto", "auto")  # defaults
+        assert (cfg.precision, cfg.channels_last, cfg.pseudolabel.decode, cfg.data.loader) == ("auto",) * 4
         resolve_device_settings(cfg, "no", device)
-        assert (cfg.channels_last, cfg.pseudolabel.decode) == expected
+        assert (cfg.channels_last, cfg.pseudolabel.decode, cfg.data.loader) == expected
         cfg = make_cfg("channels_last=false", "pseudolabel.decode=cpu")
         resolve_device_settings(cfg, "bf16", device)
         assert (cfg.precision, cfg.channels_last, cfg.pseudolabel.decode) == ("bf16", False, "cpu")

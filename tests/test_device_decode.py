@@ -3,77 +3,17 @@ and the resize + crop on the device, per-image fallback to the CPU path, against
 
 from __future__ import annotations
 
-import io
 import shutil
 
 import numpy as np
-import pytest
 import torch
-from conftest import FAST, run
-from PIL import Image
+from conftest import FAST, jpeg_kind, run
 
 from noisystudent.data import device_decode
 from noisystudent.data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw
 from noisystudent.data.shards import SampleDecoder
 from noisystudent.data.transforms import eval_resize_crop, eval_transform
-from noisystudent.data.writer import write_shard
 from noisystudent.labels import LabelFile
-
-KINDS = {"cmyk": 7, "png": 11, "corrupt": 29}  # every n-th image is one of these; the others RGB or gray JPEGs
-
-
-def _encode(img: Image.Image, kind: str) -> tuple[str, bytes]:
-    buf = io.BytesIO()
-    if kind == "png":
-        img.save(buf, format="PNG")
-        return "png", buf.getvalue()
-    if kind == "cmyk":
-        img.convert("CMYK").save(buf, format="JPEG", quality=90)
-    else:
-        img.save(buf, format="JPEG", quality=90)
-    data = buf.getvalue()
-    if kind == "corrupt":  # a valid header, then the scan cut off: no decoder can read it
-        data = data[: len(data) // 2]
-    return "jpg", data
-
-
-def _kind(i: int) -> str:
-    for kind, every in KINDS.items():
-        if i % every == every - 1:
-            return kind
-    return "gray" if i % 5 == 0 else "rgb"
-
-
-@pytest.fixture(scope="module")
-def jpeg_shards(tmp_path_factory):
-    """The digits as photos of varied sizes (24-120 px, some wider than tall), mostly JPEG, in 3 shards."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits().images[:480]
-    rng = np.random.default_rng(0)
-    d = tmp_path_factory.mktemp("jpegs")
-    for s in range(3):
-        samples = []
-        for i in range(s * 160, (s + 1) * 160):
-            h = int(rng.integers(24, 121))
-            w = int(h * rng.uniform(0.7, 1.4))
-            gray = Image.fromarray((digits[i] * 255 / 16).astype(np.uint8)).resize((w, h), Image.BICUBIC)
-            tint = rng.uniform(0.6, 1.0, 3)
-            img = gray if _kind(i) == "gray" else Image.fromarray(
-                (np.asarray(gray, np.float32)[..., None] * tint).astype(np.uint8))
-            ext, data = _encode(img, _kind(i))
-            samples.append({"__key__": f"img{i:04d}", ext: data})
-        write_shard(d / f"u-{s:06d}.tar", samples)
-    return d
-
-
-@pytest.fixture(scope="module")
-def good_teacher(tmp_path_factory, digits_root):
-    """A teacher as sure of itself as a real one (the demo's 60 epochs): near-ties, which any change of
-    pixels flips, are then as rare as in real labeling."""
-    d = tmp_path_factory.mktemp("good_teacher")
-    run("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "train.epochs=60")
-    return d
 
 
 def _label(teacher_run, tmp_path, shards, name, *extra):
@@ -94,8 +34,8 @@ def test_gpu_decode_labels_as_the_cpu_path_does(good_teacher, digits_root, jpeg_
     cpu, cpu_files = _label(good_teacher, tmp_path, jpeg_shards, "cpu", *args, "pseudolabel.decode=cpu")
     gpu, gpu_files = _label(good_teacher, tmp_path, jpeg_shards, "gpu", *args, "pseudolabel.decode=gpu")
     n = 480
-    n_corrupt = sum(_kind(i) == "corrupt" for i in range(n))
-    n_fallback = sum(_kind(i) in ("cmyk", "png") for i in range(n))
+    n_corrupt = sum(jpeg_kind(i) == "corrupt" for i in range(n))
+    n_fallback = sum(jpeg_kind(i) in ("cmyk", "png") for i in range(n))
     assert gpu["inference"]["decode"] == {"where": "gpu", "decoder": "torchcodec", "device_decoded":
                                           n - n_corrupt - n_fallback, "cpu_fallback": n_fallback}
     assert cpu["inference"]["decode"] == {"where": "cpu"}
@@ -131,11 +71,11 @@ def test_device_resize_crop_matches_pil_and_both_decoders_agree(jpeg_shards):
         outputs[backend] = decoder(batch)
     images, keys, corrupt = outputs["torchcodec"]
     assert torch.equal(images, outputs["torchvision"][0]) and keys == outputs["torchvision"][1]
-    assert keys == [s["__key__"] for s in samples if _kind(int(s["__key__"][3:])) != "corrupt"]
+    assert keys == [s["__key__"] for s in samples if jpeg_kind(int(s["__key__"][3:])) != "corrupt"]
     # corrupt: every cut-off JPEG is found by the worker (no end-of-image marker), never left to a device
     # decoder (nvJPEG decodes a truncated scan without an error, gray where the data ends)
     assert corrupt == outputs["torchvision"][2] == []
-    assert batch["corrupt_keys"] == [s["__key__"] for s in samples if _kind(int(s["__key__"][3:])) == "corrupt"]
+    assert batch["corrupt_keys"] == [s["__key__"] for s in samples if jpeg_kind(int(s["__key__"][3:])) == "corrupt"]
     pil = torch.stack([torch.from_numpy(np.array(cpu(dict(s))["image"])).permute(2, 0, 1) for s in samples
                        if s["__key__"] in keys])
     assert images.shape == pil.shape == (len(keys), 3, 32, 32)
@@ -151,7 +91,7 @@ def test_refused_images_fall_back_to_the_cpu_one_by_one(jpeg_shards):
     transform = eval_transform(32, data_cfg)
     cpu = SampleDecoder(transform, None, labeled=False)
     samples = [s for s in wds.WebDataset(str(jpeg_shards / "u-000001.tar"), shardshuffle=False)
-               if _kind(int(s["__key__"][3:])) in ("rgb", "gray")][:32]
+               if jpeg_kind(int(s["__key__"][3:])) in ("rgb", "gray")][:32]
     batch = collate_raw([RawJpegDecoder(cpu)(dict(s)) for s in samples])
     decoder = DeviceJpegDecoder("cpu", eval_resize_crop(32, data_cfg), transform)
     plain = decoder(batch)[0]
@@ -184,5 +124,5 @@ def test_no_decoder_on_the_device_falls_back_to_the_cpu_path(teacher_copy, digit
             f"data.unlabeled='{jpeg_shards}/u-000000.tar'", "pseudolabel.decode=gpu")
     assert s["inference"]["decode"]["decoder"] == "none: decoded by the CPU path"
     assert s["inference"]["decode"]["device_decoded"] == 0
-    assert s["images_seen"] == 160 - sum(_kind(i) == "corrupt" for i in range(160))
+    assert s["images_seen"] == 160 - sum(jpeg_kind(i) == "corrupt" for i in range(160))
     assert "no nvJPEG" in caplog.text

@@ -3,7 +3,8 @@
 The CPU tests prove what they can of the GPU path (no reads of device values between log steps, the
 device decoder run with the CPU as its device); these check the rest on the real thing: torch's own
 sync debug mode finds no host-device synchronization inside a training step, nvJPEG decodes as the
-CPU does, and the auto settings become bf16 / channels_last / gpu decoding."""
+CPU does, the auto settings become bf16 / channels_last / the DALI loader (where installed), and DALI's
+GPU pipelines give the samples and labels of the torch path."""
 
 from __future__ import annotations
 
@@ -82,10 +83,55 @@ def test_auto_settings_on_cuda(tmp_path, digits_root):
     bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     assert (s["precision"], s["channels_last"]) == ("bf16" if bf16 else "no", True)
     assert s["peak_device_memory_mib"] > 0
+    from noisystudent.data.dali import dali_available
+
+    assert s["loader"] == ("dali" if dali_available() else "torch")
     cli("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, check=True)
+    p = read_json(d / "round_1" / "pseudolabel" / "summary.json")
+    # decode=auto is the CPU path (measured faster on an H100); with DALI, DALI decodes on the GPU
+    want = {"where": "dali", "decoder": "dali (nvJPEG, mixed)"} if dali_available() else {"where": "cpu"}
+    assert p["inference"]["decode"] == want
+    cli("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, "round=1", "force=true",
+        "pseudolabel.decode=gpu", "data.loader=torch", check=True)
     p = read_json(d / "round_1" / "pseudolabel" / "summary.json")
     # the digits are PNGs: on the gpu path, every one is decoded by the workers and counted as such
     assert p["inference"]["decode"]["where"] == "gpu" and p["inference"]["decode"]["cpu_fallback"] == p["images_seen"]
+
+
+def test_dali_on_the_gpu_reads_what_the_torch_path_reads(tmp_path, jpeg_shards):
+    """DALI's mixed decoder and GPU ops: the samples, classes and corrupt keys of the torch path, the images on
+    the GPU within a few levels of PIL's, and a seeded training stream that repeats."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+    from test_dali import DATA, _torch_pass, _urls
+
+    from noisystudent.data import dali as D
+    from noisystudent.data.dali_index import index_shards
+    from noisystudent.data.shards import SampleDecoder
+    from noisystudent.data.streams import ShardBatches
+    from noisystudent.data.transforms import eval_transform
+
+    urls, dev = _urls(jpeg_shards), torch.device("cuda")
+    records = index_shards(tmp_path / "idx", urls, 4)
+    found, diffs = {}, []
+    ref = {}
+    for b in ShardBatches(urls, SampleDecoder(eval_transform(32, DATA), None, labeled=False), 64):
+        ref.update(zip(b["keys"], b["images"]))
+    for b in D.ordered_batches(urls, records, tmp_path / "idx", D.eval_recipe(32, DATA), 64, 4, dev, False, None):
+        keys, _, corrupt = found.setdefault(b["shard"], ([], [], []))
+        keys += b["keys"]
+        corrupt += b["corrupt_keys"]
+        if len(b["keys"]):
+            assert b["images"].device.type == "cuda"
+            diffs += [(im.cpu().float() - ref[k].float()).abs().mean().item() for k, im in zip(b["keys"], b["images"])]
+    want = {u: (k, [], c) for u, (k, _, c) in _torch_pass(urls).items()}
+    assert {u: (k, [], c) for u, (k, _, c) in found.items()} == want
+    print(f"DALI (GPU) vs PIL: mean abs pixel difference {np.mean(diffs):.3f}, worst image {np.max(diffs):.3f}")
+    assert np.mean(diffs) < 1.0
+    make = D.training_batches(urls, records, tmp_path / "idx", D.train_recipe(32, DATA, "rand-n2-m9-mmax27"), 32,
+                              100, 4, dev, 0, 1, False, None)
+    a, b = next(make(1)), next(make(1))
+    assert a["images"].device.type == "cuda" and torch.equal(a["images"], b["images"])
 
 
 def test_more_processes_than_gpus_is_one_clear_error(tmp_path, digits_root):
