@@ -47,23 +47,25 @@ def dali_records(cfg: DictConfig, accelerator, urls: list[str]) -> dict:
 
 
 def dali_training_stream(cfg: DictConfig, accelerator, urls: list[str], recipe, batch_size: int, shuffle_buffer: int,
-                         labeled: bool, nc: int | None, **kw):
-    """seed -> DALI training batches over `urls` (data/dali.py), after the index pass."""
+                         labeled: bool, nc: int | None, records: dict | None = None, **kw):
+    """(seed -> DALI training batches over `urls` (data/dali.py), the index records), after the index pass
+    (`records`: those of an index pass the caller already made over `urls`)."""
     from ..data.dali import training_batches
 
-    records = dali_records(cfg, accelerator, urls)
+    records = records if records is not None else dali_records(cfg, accelerator, urls)
     return training_batches(urls, records, Path(cfg.run_dir) / DALI_INDEX, recipe, batch_size, shuffle_buffer,
                             max(1, int(cfg.num_workers)), accelerator.device, accelerator.process_index,
                             accelerator.num_processes, labeled, nc, **kw), records
 
 
-def dali_eval(cfg: DictConfig, img_size: int) -> dict | None:
-    """What `evaluate` needs to read through DALI (None on the torch path)."""
+def dali_eval(cfg: DictConfig, img_size: int, data_cfg=None) -> dict | None:
+    """What `evaluate` and `run_model` need to read through DALI (None on the torch path); `data_cfg`: where
+    crop_pct is read (default cfg.data; predict takes the exported model's)."""
     if not uses_dali(cfg):
         return None
     from ..data.dali import eval_recipe
 
-    return {"index_dir": Path(cfg.run_dir) / DALI_INDEX, "recipe": eval_recipe(img_size, cfg.data)}
+    return {"index_dir": Path(cfg.run_dir) / DALI_INDEX, "recipe": eval_recipe(img_size, data_cfg or cfg.data)}
 
 
 def train_and_export(run: StepRun, job: TrainJob, model_info: dict,

@@ -32,7 +32,7 @@ from ..inference import prepare
 from ..labeling import Decoding, run_model
 from ..models import MODEL_WEIGHTS, eval_img_size, load_exported_model
 from ..rundir import SUMMARY, command_for_round, finished_models, is_done, read_summary
-from .common import DALI_INDEX, uses_dali
+from .common import dali_eval
 from .contract import Step, StepRun
 from .export import class_names
 
@@ -170,11 +170,7 @@ def work(run: StepRun) -> dict:
     k = min(s.topk, int(info["num_classes"]))
     (run.out / ".parts").mkdir(parents=True, exist_ok=True)
     # DALI reads shards; a directory of image files goes through the torch loader (its summary says which ran)
-    dali = None
-    if uses_dali(cfg) and inp["read"] is read_tar:
-        from ..data.dali import eval_recipe
-
-        dali = {"index_dir": Path(cfg.run_dir) / DALI_INDEX, "recipe": eval_recipe(size, data_cfg)}
+    dali = dali_eval(cfg, size, data_cfg) if inp["read"] is read_tar else None
     inp["loader"] = "dali" if dali else "torch"
     for done in run_model(accelerator, model, normalize, mine, transform, resize_crop, how, k, read=inp["read"],
                           dali=dali):

@@ -223,8 +223,8 @@ def dali_streams(run: StepRun, tf_recipe, unl_batch: int):
         unl_records, inp["unlabeled"], inp["paths"], Selection.from_json(inp["selection"]), s.num_classes,
         run.out / DALI_INDEX, accelerator.process_index, accelerator.num_processes)
     unlabeled, _ = dali_training_stream(cfg, accelerator, inp["unlabeled"], tf_recipe, unl_batch, t.shuffle_buffer,
-                                        labeled=False, nc=None, seed_offset=17, index_files=index_files,
-                                        targets=fill)
+                                        labeled=False, nc=None, records=unl_records, seed_offset=17,
+                                        index_files=index_files, targets=fill)
     lab_found, unl_found = index_summary(lab_records, inp["labeled"]), index_summary(unl_records, inp["unlabeled"])
     return labeled, unlabeled, {"loader": "dali", **summary_counts(lab_found, unl_found), "dali_index": {
         "labeled": lab_found, "unlabeled": {**unl_found, "listed_by_process_0": listed}}}
