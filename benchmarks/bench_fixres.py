@@ -21,13 +21,13 @@ from pathlib import Path
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from noisystudent.batchnorm import reestimate_batchnorm
 from noisystudent.data.prefetch import DevicePrefetcher
 from noisystudent.data.shards import SampleDecoder, expand_shards
 from noisystudent.data.streams import labeled_batches
 from noisystudent.data.transforms import InputNormalizer, eval_transform, model_norm
-from noisystudent.evaluation import evaluate
-from noisystudent.models import load_exported_model
+from noisystudent.models.build import load_exported_model
+from noisystudent.reporting.evaluation import evaluate
+from noisystudent.training.batchnorm import reestimate_batchnorm
 
 
 def _settings(run_dir: Path, round_idx: int) -> dict:

@@ -716,7 +716,7 @@ def methods_for(b: Bench) -> dict:
 
 
 def main():
-    from noisystudent.data.dali import dali_available
+    from noisystudent.config import dali_available
 
     args = parse_args()
     t_start = time.time()

@@ -124,7 +124,7 @@ def bench_ours(run_dir, pattern, batch, workers, levers: bool, extra=()) -> dict
 def setup_teacher(run_dir: Path, model_name: str, img_size: int):
     import timm
 
-    from noisystudent.models import export_model
+    from noisystudent.models.build import export_model
     from noisystudent.rundir import mark_done, teacher_dir
 
     model = timm.create_model(model_name, num_classes=10).eval()

@@ -146,7 +146,7 @@ def _median(xs):
 def main():
     if sys.argv[1:2] == ["--limit-only"]:  # the child of limit_in_subprocess
         if "--keep-freed-memory" in sys.argv:
-            from noisystudent.host_memory import keep_freed_memory
+            from noisystudent.training.host_memory import keep_freed_memory
 
             keep_freed_memory()
         print(bench_limit(int(sys.argv[2]), int(sys.argv[3]), fused="--fused" in sys.argv))

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import resolve_device_settings, resolve_precision
 from .errors import ConfigError, NoisyStudentError
-from .host_memory import keep_freed_memory
+from .training.host_memory import keep_freed_memory
 
 log = logging.getLogger("noisystudent")
 

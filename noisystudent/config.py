@@ -6,6 +6,7 @@ starts; the training loop and the data streams take those objects, never the con
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 from collections.abc import Iterable
@@ -14,7 +15,50 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
-from .tracking import resolve_tracking
+
+# What `auto` means for the optional packages (tracking, data.loader): decided here, at the base, from
+# what is installed and the device, so a step records the resolved value among its settings.
+TRACKINGS = ("auto", "tensorboard", "wandb", "mlflow", "none")
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def resolve_tracking(value) -> str:
+    """`tracking`: auto = tensorboard when the package is installed (it writes files, offline), else none."""
+    if value not in TRACKINGS:
+        raise ConfigError(f"tracking={value!r}: use auto (tensorboard when installed), tensorboard, wandb, mlflow "
+                          "or none")
+    if value == "auto":
+        return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+    if value != "none" and importlib.util.find_spec(_PACKAGES[value]) is None:
+        extra = " (pip install 'noisystudent[track]')" if value == "tensorboard" else ""
+        raise ConfigError(f"tracking={value}: the {_PACKAGES[value]} package is not installed{extra}; install it, "
+                          "or set tracking=none (metrics.jsonl is written either way)")
+    return value
+
+
+LOADERS = ("auto", "torch", "dali")
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_loader(value, device_type: str) -> str:
+    """data.loader: auto = dali where DALI is installed and the device is CUDA, else torch."""
+    if value not in LOADERS:
+        raise ConfigError(f"data.loader={value!r}: use auto (dali where it is installed and the device is CUDA), "
+                          "torch or dali")
+    if value == "auto":
+        return "dali" if device_type == "cuda" and dali_available() else "torch"
+    if value == "dali" and not dali_available():
+        raise ConfigError("data.loader=dali but NVIDIA DALI is not installed: pip install 'noisystudent[dali]' "
+                          "(the CUDA 13 build; nvidia-dali-cuda120 for CUDA 12), or set data.loader=torch")
+    return value
+
 
 
 def require(cfg: DictConfig, key: str, hint: str = ""):
@@ -119,8 +163,6 @@ def resolve_device_settings(cfg: DictConfig, precision: str, device_type: str) -
         # labeled 6,459 images/s and the device decode 4,134. data.loader=dali decodes on the GPU instead.
         cfg.pseudolabel.decode = "cpu"
     if OmegaConf.select(cfg, "data") is not None:
-        from .data.dali import resolve_loader
-
         cfg.data.loader = resolve_loader(cfg.data.get("loader", "auto"), device_type)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,20 @@ FAST = [
 MULTI_PROCESS_ENV = {"CUDA_VISIBLE_DEVICES": ""} if torch.cuda.device_count() < 2 else {}
 # PYTHONPATH for a helper script of tests/ run as a process of its own, keeping what the caller had there
 TESTS_ON_PATH = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a launcher's rendezvous (tests never share one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(processes: int = 2) -> list[str]:
+    """`accelerate launch` for N CPU processes on this machine, on a free port."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
 
 
 def launch_env(**extra: str) -> dict:

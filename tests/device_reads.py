@@ -73,8 +73,8 @@ def counted_job(step_dir: Path, settings, counter: dict, steps_per_epoch: int = 
     """A TrainJob on a tiny timm model whose loss counts the optimizer steps in counter["step"]."""
     import timm
 
-    from noisystudent.engine import TrainJob
-    from noisystudent.losses import noisy_student_loss
+    from noisystudent.training.engine import TrainJob
+    from noisystudent.training.losses import noisy_student_loss
 
     def loss(logits, b):
         counter["step"] += 1
@@ -120,7 +120,7 @@ def main() -> None:
     from hydra import compose, initialize_config_module
 
     from noisystudent.config import train_settings
-    from noisystudent.engine import fit
+    from noisystudent.training.engine import fit
 
     out, steps, log_every = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

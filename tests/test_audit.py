@@ -13,12 +13,12 @@ import pytest
 import webdataset as wds
 from conftest import FAST, run
 
-from noisystudent.audit import audit_label_files
-from noisystudent.calibration import GRID, best_temperature
+from noisystudent.data.labels import LabelFile, write_label_file
 from noisystudent.errors import ConfigError
 from noisystudent.files import read_json
-from noisystudent.labels import LabelFile, write_label_file
-from noisystudent.selection import select
+from noisystudent.pseudolabels.audit import audit_label_files
+from noisystudent.pseudolabels.calibration import GRID, best_temperature
+from noisystudent.pseudolabels.selection import select
 
 META = {"num_classes": 3, "topk": 1, "temperature": 1.0, "hard": False}
 #            confidence, pseudo-label, true class (-1: the sample had no cls)
@@ -182,7 +182,7 @@ def test_evaluate_reports_calibration_as_computed_by_hand(digits_root):
 
     from noisystudent.data.shards import SampleDecoder, expand_shards
     from noisystudent.data.transforms import InputNormalizer, eval_transform, model_norm, stack_hwc
-    from noisystudent.evaluation import ECE_BINS, evaluate
+    from noisystudent.reporting.evaluation import ECE_BINS, evaluate
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=10).eval()

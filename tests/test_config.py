@@ -111,8 +111,7 @@ def test_unknown_stage_is_rejected(tmp_path):
 
 
 def test_device_settings_resolve_auto_for_the_device_and_explicit_values_win():
-    from noisystudent.config import resolve_device_settings
-    from noisystudent.data.dali import dali_available
+    from noisystudent.config import dali_available, resolve_device_settings
 
     # decode=auto is the CPU path on every device (measured faster on an H100); the loader is DALI on CUDA
     # where it is installed

@@ -8,13 +8,13 @@ import textwrap
 
 import torch
 
-from noisystudent.engine import load_checkpoint
+from noisystudent.training.engine import load_checkpoint
 
 
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from noisystudent.engine import save_checkpoint
+        from noisystudent.training.engine import save_checkpoint
         path = __import__("pathlib").Path({str(tmp_path / "checkpoint.pt")!r})
         save_checkpoint(path, {{"step": 100, "w": torch.ones(1000)}})
         real_save = torch.save
@@ -31,7 +31,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert state["step"] == 100 and torch.equal(state["w"], torch.ones(1000))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
     assert leftovers == [".checkpoint.pt.tmp"]  # never read; the next save replaces it
-    from noisystudent.engine import save_checkpoint
+    from noisystudent.training.engine import save_checkpoint
 
     save_checkpoint(tmp_path / "checkpoint.pt", {"step": 300})
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 300

@@ -12,19 +12,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, cli, jpeg_kind, make_cfg, run
-from test_distributed import ACCELERATE
+from conftest import FAST, accelerate_launch, cli, jpeg_kind, make_cfg, run
 
 pytest.importorskip("nvidia.dali")
 
 from noisystudent.data import dali as D  # noqa: E402
 from noisystudent.data.dali_index import index_shards, load_record, record_path  # noqa: E402
+from noisystudent.data.labels import LabelFile  # noqa: E402
 from noisystudent.data.shards import SampleDecoder  # noqa: E402
 from noisystudent.data.streams import ShardBatches  # noqa: E402
 from noisystudent.data.transforms import eval_transform  # noqa: E402
 from noisystudent.errors import ConfigError  # noqa: E402
 from noisystudent.files import read_json  # noqa: E402
-from noisystudent.labels import LabelFile  # noqa: E402
 
 CPU = torch.device("cpu")
 N_CORRUPT = sum(jpeg_kind(i) == "corrupt" for i in range(480))  # truncated JPEGs in jpeg_shards
@@ -178,14 +177,16 @@ def test_randaugment_maps_timm_parameters_exactly():
 
 
 def test_loader_setting(monkeypatch):
-    assert D.resolve_loader("auto", "cpu") == "torch"
-    assert D.resolve_loader("dali", "cpu") == "dali"
+    from noisystudent import config
+
+    assert config.resolve_loader("auto", "cpu") == "torch"
+    assert config.resolve_loader("dali", "cpu") == "dali"
     with pytest.raises(ConfigError, match="data.loader='pil'"):
-        D.resolve_loader("pil", "cpu")
-    monkeypatch.setattr(D, "dali_available", lambda: False)
-    assert D.resolve_loader("auto", "cuda") == "torch"
+        config.resolve_loader("pil", "cpu")
+    monkeypatch.setattr(config, "dali_available", lambda: False)
+    assert config.resolve_loader("auto", "cuda") == "torch"
     with pytest.raises(ConfigError, match=r"noisystudent\[dali\]"):
-        D.resolve_loader("dali", "cpu")
+        config.resolve_loader("dali", "cpu")
     assert make_cfg().data.loader == "auto"
 
 
@@ -258,7 +259,7 @@ def test_teacher_and_student_trained_through_dali(good_teacher, digits_root, tmp
     assert s["dali_index"]["indexed"] == 100 and s["corrupt_skipped"] == 0
     common = [f"run_dir={d}", f"data.root={digits_root}", *FAST, "data.loader=dali", "max_steps=12"]
     for stage in ("pseudolabel", "student"):
-        proc = cli(f"stage={stage}", *common, launcher=ACCELERATE + ["--main_process_port", "29571"])
+        proc = cli(f"stage={stage}", *common, launcher=accelerate_launch())
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     pl = read_json(d / "round_1/pseudolabel/summary.json")
     assert pl["images_seen"] == 1158 and pl["shards_labeled"] == 4 and pl["inference"]["loader"] == "dali"

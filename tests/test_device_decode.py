@@ -11,9 +11,9 @@ from conftest import FAST, jpeg_kind, run
 
 from noisystudent.data import device_decode
 from noisystudent.data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw
+from noisystudent.data.labels import LabelFile
 from noisystudent.data.shards import SampleDecoder
 from noisystudent.data.transforms import eval_resize_crop, eval_transform
-from noisystudent.labels import LabelFile
 
 
 def _label(teacher_run, tmp_path, shards, name, *extra):
@@ -117,7 +117,7 @@ def test_refused_images_fall_back_to_the_cpu_one_by_one(jpeg_shards):
 def test_no_decoder_on_the_device_falls_back_to_the_cpu_path(teacher_copy, digits_root, jpeg_shards, monkeypatch,
                                                              caplog):
     """decode=gpu where no JPEG decoder runs on the device: a warning, and the workers decode everything."""
-    from noisystudent import labeling
+    from noisystudent.pseudolabels import labeling
 
     monkeypatch.setattr(labeling, "jpeg_decoder", lambda device: None)
     s = run("stage=pseudolabel", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST,

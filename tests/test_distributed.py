@@ -6,13 +6,14 @@ import shutil
 import sys
 
 import pytest
-from conftest import FAST, cli, launch_env, run
+from conftest import FAST, accelerate_launch, cli, free_port, launch_env, run
 
 from noisystudent.files import read_json
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+
+def torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+
 
 
 def _ok(proc):
@@ -26,7 +27,7 @@ def two_process_run(tmp_path_factory, digits_root):
     d = tmp_path_factory.mktemp("ddp") / "run"
     # a 14-step teacher is unsure: a low threshold keeps a selection to train the student on
     common = [f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=14", "pseudolabel.threshold=0.12"]
-    launch = ACCELERATE + ["--main_process_port", "29541"]
+    launch = accelerate_launch()
     for stage in ("teacher", "pseudolabel", "student"):
         _ok(cli(f"stage={stage}", *common, launcher=launch))
     return d
@@ -52,7 +53,7 @@ def test_two_process_resume_continues_at_saved_step(two_process_run, digits_root
     shutil.copytree(two_process_run, d)
     (d / "teacher" / "_SUCCESS").unlink()  # as if killed after its last checkpoint (step 14)
     _ok(cli("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=20",
-            launcher=ACCELERATE + ["--main_process_port", "29542"]))
+            launcher=accelerate_launch()))
     s = read_json(d / "teacher" / "summary.json")
     assert s["resumed_from_step"] == 14 and s["steps"] == 20 and s["replicas_in_sync"]
 
@@ -61,7 +62,7 @@ def test_torchrun_and_fewer_eval_shards_than_processes(two_process_run, digits_r
     """evaluate under torchrun with 1 eval shard for 2 processes: no hang, every image once."""
     one_shard = f"data.eval='{digits_root}/eval-000000.tar'"
     proc = _ok(cli("stage=evaluate", f"run_dir={two_process_run}", f"data.root={digits_root}", one_shard,
-                   "num_workers=2", launcher=TORCHRUN, timeout=300))
+                   "num_workers=2", launcher=torchrun(), timeout=300))
     report = read_json(two_process_run / "report.json")
     single = run("stage=evaluate", f"run_dir={two_process_run}", f"data.root={digits_root}", one_shard)
     assert [r["eval_images"] for r in report["rounds"]] == [270, 270]
@@ -74,7 +75,7 @@ def test_fewer_unlabeled_shards_than_processes(two_process_run, digits_root, tmp
     d = tmp_path / "run"
     shutil.copytree(two_process_run, d, ignore=shutil.ignore_patterns("round_1"))
     _ok(cli("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, "num_workers=2",
-            f"data.unlabeled='{digits_root}/unlabeled-000002.tar'", launcher=TORCHRUN, timeout=300))
+            f"data.unlabeled='{digits_root}/unlabeled-000002.tar'", launcher=torchrun(), timeout=300))
     s = read_json(d / "round_1/pseudolabel/summary.json")
     assert s["processes"] == 2 and s["shards_labeled"] == 1 and s["images_seen"] == 289
 
@@ -88,7 +89,7 @@ def test_two_nodes_one_process_each(digits_root, tmp_path):
             "max_steps=6", "num_workers=0"]
     env = launch_env()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
-                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29571",
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                                *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -106,13 +107,13 @@ def test_sigterm_stops_both_processes_at_one_log_step(digits_root, tmp_path):
     import subprocess
     import time
 
-    from noisystudent.engine import CHECKPOINT, load_checkpoint
+    from noisystudent.training.engine import CHECKPOINT, load_checkpoint
 
     args = ["-m", "noisystudent", "stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST,
             "train.batch_size=4", "train.epochs=40", "train.ckpt_every_steps=100000", "train.log_every_steps=5",
             "num_workers=1"]
     env = launch_env()
-    proc = subprocess.Popen([*ACCELERATE, "--main_process_port", "29543", *args], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*accelerate_launch(), *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     ckpt = tmp_path / "teacher" / CHECKPOINT
     deadline = time.time() + 240
@@ -129,6 +130,7 @@ def test_sigterm_stops_both_processes_at_one_log_step(digits_root, tmp_path):
     assert stops[0] % 5 == 0 or stops[0] % 13 == 0
     assert load_checkpoint(ckpt)["step"] == stops[0]
     _ok(cli("stage=teacher", *args[3:], f"max_steps={stops[0] + 2}",
-            launcher=ACCELERATE + ["--main_process_port", "29544"]))
+            launcher=accelerate_launch()))
     s = read_json(tmp_path / "teacher" / "summary.json")
     assert s["resumed_from_step"] == stops[0] and s["steps"] == stops[0] + 2 and s["replicas_in_sync"]
+

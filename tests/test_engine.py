@@ -6,22 +6,18 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TESTS_ON_PATH, launch_env, make_cfg
+from conftest import TESTS_ON_PATH, accelerate_launch, launch_env, make_cfg
 from device_reads import counted_job, recording_reads, synthetic_batches
 from timm.utils import ModelEmaV3
 
-from noisystudent import engine
 from noisystudent.config import learning_rate, train_settings
 from noisystudent.data.transforms import InputNormalizer, model_norm
-from noisystudent.losses import noisy_student_loss
-
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+from noisystudent.training import engine
+from noisystudent.training.losses import noisy_student_loss
 
 
 def _settings(*overrides):
@@ -116,7 +112,7 @@ def test_probe_catches_a_read_in_every_step(tmp_path):
 def test_two_processes_read_the_device_only_at_log_intervals(tmp_path):
     """With several processes the SIGTERM agreement is an all-reduce read on the host: at the log interval only."""
     env = launch_env(PYTHONPATH=TESTS_ON_PATH)
-    proc = subprocess.run([*ACCELERATE, "--main_process_port", "29591", str(Path(__file__).parent / "device_reads.py"),
+    proc = subprocess.run([*accelerate_launch(), str(Path(__file__).parent / "device_reads.py"),
                            str(tmp_path), "11", "4"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):

@@ -13,7 +13,7 @@ import torch
 from conftest import FAST, run
 
 from noisystudent.errors import DataError, MissingInputError
-from noisystudent.models import load_exported_model
+from noisystudent.models.build import load_exported_model
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ from conftest import FAST, run
 from safetensors.torch import load_file
 from torch import nn
 
-from noisystudent.batchnorm import reestimate_batchnorm
 from noisystudent.errors import ConfigError
 from noisystudent.files import read_json
-from noisystudent.models import freeze_stages, model_stages
+from noisystudent.models.build import freeze_stages, model_stages
+from noisystudent.training.batchnorm import reestimate_batchnorm
 
 # the demo model trains at 32 px; tested (and fine-tuned) at 40
 SHORT = [*FAST, "max_steps=8", "pseudolabel.threshold=0.05"]

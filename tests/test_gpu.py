@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, TESTS_ON_PATH, cli
+from conftest import FAST, TESTS_ON_PATH, cli, free_port
 
 from noisystudent.files import read_json
 
@@ -83,7 +83,7 @@ def test_auto_settings_on_cuda(tmp_path, digits_root):
     bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     assert (s["precision"], s["channels_last"]) == ("bf16" if bf16 else "no", True)
     assert s["peak_device_memory_mib"] > 0
-    from noisystudent.data.dali import dali_available
+    from noisystudent.config import dali_available
 
     assert s["loader"] == ("dali" if dali_available() else "torch")
     cli("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, check=True)
@@ -138,7 +138,7 @@ def test_more_processes_than_gpus_is_one_clear_error(tmp_path, digits_root):
     """NCCL cannot put two ranks on one GPU and says so only at the first collective ("Duplicate GPU
     detected"): a launch of one process more than the visible GPUs stops at once with what to change."""
     n = torch.cuda.device_count() + 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29583",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(free_port()),
            "-m", "noisystudent", "stage=teacher", f"run_dir={tmp_path / 'run'}", f"data.root={digits_root}", *FAST]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -8,20 +8,17 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import launch_env
+from conftest import accelerate_launch, launch_env
 from PIL import Image
 
+from noisystudent.data.labels import LabelFile
 from noisystudent.data.writer import write_shard
 from noisystudent.files import read_json
-from noisystudent.labels import LabelFile
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 CLASSES = 4
 PALETTE = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]], dtype=np.float32)
 
@@ -73,9 +70,9 @@ def _loop_args(shards, run_dir, *extra):
             "pseudolabel.calibrate=true", f"data.audit={shards}/A-000000.tar", *extra]
 
 
-def _launch(port: int, *args, **popen):
+def _launch(*args, **popen):
     env = launch_env()
-    return subprocess.Popen([*ACCELERATE, "--main_process_port", str(port), "-m", "noisystudent", *args], env=env,
+    return subprocess.Popen([*accelerate_launch(), "-m", "noisystudent", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
 
 
@@ -104,7 +101,7 @@ def _outputs(run_dir):
 def loop_run(shards, tmp_path_factory):
     """An uninterrupted 2-process stage=iterate: teacher + 2 rounds + report."""
     d = tmp_path_factory.mktemp("loop") / "run"
-    _ok(_launch(29581, *_loop_args(shards, d)))
+    _ok(_launch(*_loop_args(shards, d)))
     return d
 
 
@@ -142,7 +139,7 @@ def test_two_process_iterate_on_shards(loop_run):
 
 def test_rerun_of_a_finished_loop_changes_nothing(loop_run, shards):
     before = _outputs(loop_run)
-    out, err = _ok(_launch(29582, *_loop_args(shards, loop_run)))
+    out, err = _ok(_launch(*_loop_args(shards, loop_run)))
     assert _outputs(loop_run) == before
     assert "training" not in err and "labeling" not in err
     assert "| 2 | student |" in out and "| 2 | finetune |" in out
@@ -150,7 +147,7 @@ def test_rerun_of_a_finished_loop_changes_nothing(loop_run, shards):
 
 def test_sigkill_of_the_launch_in_round_1_then_rerun_equals_uninterrupted(loop_run, shards, tmp_path):
     d = tmp_path / "run"
-    proc = _launch(29583, *_loop_args(shards, d))
+    proc = _launch(*_loop_args(shards, d))
     labels = d / "round_1" / "pseudolabel" / "labels"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(labels.glob("*.labels.safetensors")):
@@ -164,7 +161,7 @@ def test_sigkill_of_the_launch_in_round_1_then_rerun_equals_uninterrupted(loop_r
     assert (d / "teacher" / "_SUCCESS").exists()
     assert not (d / "round_1" / "pseudolabel" / "_SUCCESS").exists()
     assert not (d / "round_1" / "student").exists()
-    _ok(_launch(29584, *_loop_args(shards, d)))
+    _ok(_launch(*_loop_args(shards, d)))
     assert _labels(d) == _labels(loop_run)
     assert _report(d) == _report(loop_run)
 
@@ -177,7 +174,7 @@ def test_forced_step_on_two_processes(loop_run, shards, tmp_path):
     shutil.copytree(loop_run, d)
     before = _labels(d)
     args = [a for a in _loop_args(shards, d) if not a.startswith(("stage=", "iterate."))]
-    _ok(_launch(29585, "stage=pseudolabel", "round=2", "force=true", *args))
+    _ok(_launch("stage=pseudolabel", "round=2", "force=true", *args))
     assert _labels(d) == before
     assert read_json(d / "round_2/pseudolabel/summary.json")["images_labeled_this_run"] == 6 * 32 + 32  # and the audit
 
@@ -191,7 +188,7 @@ def test_loader_worker_error_ends_every_process(shards, tmp_path):
     promptly with the message, none is left waiting for its workers."""
     run_dir = tmp_path / "worker_error_run"
     args = [a for a in _loop_args(shards, run_dir, "num_workers=2") if not a.startswith(("stage=", "iterate."))]
-    proc = _launch(29586, "stage=teacher", *args, "data.num_classes=3")
+    proc = _launch("stage=teacher", *args, "data.num_classes=3")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "class 3 is outside [0, 3)" in err

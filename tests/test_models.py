@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from noisystudent.errors import ConfigError
-from noisystudent.inference import fuse_batchnorm, prepare, relative_diff
-from noisystudent.models import create_model, load_weights
+from noisystudent.models.build import create_model, load_weights
+from noisystudent.models.inference import fuse_batchnorm, prepare, relative_diff
 
 
 def _trained_like(model):

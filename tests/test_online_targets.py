@@ -12,7 +12,7 @@ from conftest import FAST, run
 
 from noisystudent.data.transforms import InputNormalizer, model_norm
 from noisystudent.errors import ConfigError
-from noisystudent.online_targets import OnlineTargets
+from noisystudent.training.online_targets import OnlineTargets
 
 
 def _models():

@@ -6,7 +6,7 @@ import pytest
 from conftest import FAST, run
 
 from noisystudent.errors import ConfigError
-from noisystudent.tracking import read_metrics
+from noisystudent.training.tracking import read_metrics
 
 # a learning rate that triples every 2 epochs: the model gets worse before the end, so best != last
 UNSTABLE = [*FAST, "train.epochs=8", "eval.every_epochs=1", "train.ema_decay=0.5", "optim.lr=0.01", "sched=step",

@@ -7,19 +7,15 @@ import csv
 import io
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import FAST, cli, run
+from conftest import FAST, accelerate_launch, cli, run
 from PIL import Image
 
+from noisystudent.data.labels import LabelFile
 from noisystudent.errors import MissingInputError
-from noisystudent.labels import LabelFile
-
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +71,7 @@ def test_predict_uses_the_export_and_two_processes_write_what_one_does(teacher_c
     one = run("stage=predict", *args)
     assert one["model_from"] == str(teacher_copy / "export")
     single = (teacher_copy / "predict" / "predictions.jsonl").read_bytes()
-    proc = cli("stage=predict", *args, "force=true", launcher=ACCELERATE + ["--main_process_port", "29595"])
+    proc = cli("stage=predict", *args, "force=true", launcher=accelerate_launch())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (teacher_copy / "predict" / "predictions.jsonl").read_bytes() == single
     assert not (teacher_copy / "predict" / ".parts").exists()

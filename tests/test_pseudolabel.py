@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import FAST, cli, run
+from conftest import FAST, accelerate_launch, cli, run
 
+from noisystudent.data.labels import LabelFile
 from noisystudent.data.writer import write_shard
 from noisystudent.errors import ConfigError, DataError, MissingInputError
 from noisystudent.files import read_json
-from noisystudent.labels import LabelFile
 
 
 def _label_files(run_dir: Path) -> dict[str, bytes]:
@@ -103,9 +103,7 @@ def test_two_processes_write_what_one_does(teacher_copy, digits_root, tmp_path):
     one = tmp_path / "one"
     shutil.copytree(teacher_copy, one)
     run(*_args(one, digits_root))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29533"]
+    launcher = accelerate_launch()
     proc = cli(*_args(teacher_copy, digits_root), launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _label_files(teacher_copy) == _label_files(one)

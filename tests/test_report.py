@@ -4,7 +4,7 @@ pseudo-label sections from the rounds' summaries, and rows of an older version w
 from __future__ import annotations
 
 from noisystudent.files import read_json
-from noisystudent.report import write_report
+from noisystudent.reporting.report import write_report
 from noisystudent.rundir import mark_done, pseudolabel_dir
 
 

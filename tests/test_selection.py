@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from noisystudent.labels import LabelFile, soft_targets, write_label_file
-from noisystudent.selection import NO_EXTRA, class_statistics, scores, select
+from noisystudent.data.labels import LabelFile, soft_targets, write_label_file
+from noisystudent.pseudolabels.selection import NO_EXTRA, class_statistics, scores, select
 
 
 def _files(tmp_path, conf, cls, n_files=3, topk=2, num_classes=None):

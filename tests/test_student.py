@@ -16,7 +16,7 @@ from conftest import FAST, run
 
 from noisystudent.errors import ConfigError, DataError, MissingInputError
 from noisystudent.files import read_json
-from noisystudent.losses import noisy_student_loss
+from noisystudent.training.losses import noisy_student_loss
 
 
 def test_mixed_loss_equals_the_formula():
@@ -111,10 +111,10 @@ def test_stream_applies_the_selection(labeled_run, digits_root):
     """The pseudo-labeled stream holds each image as many times as the selection says."""
     import webdataset as wds
 
+    from noisystudent.data.labels import label_paths
     from noisystudent.data.shards import expand_shards
     from noisystudent.data.streams import JoinPseudoLabels
-    from noisystudent.labels import label_paths
-    from noisystudent.selection import Selection
+    from noisystudent.pseudolabels.selection import Selection
 
     pl = labeled_run / "round_1" / "pseudolabel"
     sel_json = read_json(pl / "selection.json")
@@ -167,7 +167,7 @@ def test_a_step_gives_the_same_model_however_it_is_launched(tmp_path, digits_roo
 def test_iterate_models_per_round(tmp_path, digits_root):
     from conftest import make_cfg
 
-    from noisystudent.presets import student_model
+    from noisystudent.models.presets import student_model
 
     cfg = make_cfg("iterate.models=[demo,efficientnet_b0,resnet50]")
     assert [student_model(cfg, k).name for k in (1, 2, 3, 4)] == [

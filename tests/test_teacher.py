@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from conftest import FAST, cli, run
 
-from noisystudent.engine import CHECKPOINT, load_checkpoint
+from noisystudent.data.labels import LabelFile
 from noisystudent.files import read_json
-from noisystudent.labels import LabelFile
-from noisystudent.models import load_exported_model
+from noisystudent.models.build import load_exported_model
+from noisystudent.training.engine import CHECKPOINT, load_checkpoint
 
 
 def test_teacher_learns_and_writes_its_step(teacher_run):

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from noisystudent.errors import ConfigError
 from noisystudent.files import read_json
-from noisystudent.tracking import MetricsLog, read_metrics
+from noisystudent.training.tracking import MetricsLog, read_metrics
 
 HAVE_TB = importlib.util.find_spec("tensorboard") is not None
 

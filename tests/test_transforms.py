@@ -100,7 +100,7 @@ _FAULTS = """
 import json, resource, sys
 import torch
 if sys.argv[1] == "keep":
-    from noisystudent.host_memory import keep_freed_memory
+    from noisystudent.training.host_memory import keep_freed_memory
     assert keep_freed_memory()
 
 def rss_mb():

@@ -1,1 +1,2 @@
-"""Data: shard patterns and streams, transforms, the embedded digits demo, image import."""
+"""Data: shard patterns and streams, transforms, the pseudo-label file format, the DALI path, the embedded
+digits demo, image import. Imports only the base (errors, files, config, rundir)."""

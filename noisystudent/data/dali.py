@@ -33,30 +33,8 @@ from .dali_index import ShardRecord, index_path, record_path, write_dali_index
 
 log = logging.getLogger(__name__)
 
-LOADERS = ("auto", "torch", "dali")
 INFO_WIDTH = 4096  # bytes of source_info kept per row (a shard path longer than this is an error)
 IMAGE_EXT = "jpg;jpeg;png;webp"
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_loader(value, device_type: str) -> str:
-    """data.loader: auto = dali where DALI is installed and the device is CUDA, else torch."""
-    if value not in LOADERS:
-        raise ConfigError(f"data.loader={value!r}: use auto (dali where it is installed and the device is CUDA), "
-                          "torch or dali")
-    if value == "auto":
-        return "dali" if device_type == "cuda" and dali_available() else "torch"
-    if value == "dali" and not dali_available():
-        raise ConfigError("data.loader=dali but NVIDIA DALI is not installed: pip install 'noisystudent[dali]' "
-                          "(the CUDA 13 build; nvidia-dali-cuda120 for CUDA 12), or set data.loader=torch")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,7 +400,7 @@ def training_batches(files_all: list[str], records: dict[str, ShardRecord], inde
             rows = table.rows(where)
             batch = {"images": images, "labels": torch.from_numpy(table.labels[rows]), **NO_COUNTS}
             if table.topk_ids is not None:
-                from ..labels import soft_targets
+                from .labels import soft_targets
 
                 batch["targets"] = torch.from_numpy(soft_targets(table.topk_ids[rows], table.topk_probs[rows],
                                                                  table.num_classes, table.hard))
@@ -497,7 +475,7 @@ def pseudo_labeled_index(records: dict[str, ShardRecord], urls: list[str], label
     index files listing each selected image as many times as the selection repeats it (written under
     `out_dir`, one folder per process), and the callback that puts each row's top-k targets into the
     SampleTable. Returns (index_files, fill_targets, images listed by this process)."""
-    from ..labels import LabelFile
+    from .labels import LabelFile
 
     mine, _, _ = rank_split(kept(records, urls), rank, world)
     folder = Path(out_dir) / f"process{rank}"

@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..labels import LabelFile, soft_targets
+from .labels import LabelFile, soft_targets
 from .shards import SampleDecoder, collate_counting, file_image_ext, skip_and_record_shard_error
 
 

@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 from ..config import positive_int, worker_nice
 from ..data.shards import expand_shards
 from ..data.transforms import eval_transform
-from ..engine import TrainJob, fit
-from ..evaluation import evaluate
-from ..models import count_params, eval_img_size, export_model
+from ..models.build import count_params, eval_img_size, export_model
+from ..reporting.evaluation import evaluate
+from ..training.engine import TrainJob, fit
 from .contract import StepRun
 
 log = logging.getLogger(__name__)

@@ -34,11 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import changed_settings, settings_hash
 from ..data import digits
-from ..engine import CHECKPOINT
 from ..errors import NoisyStudentError
 from ..files import atomic_write_bytes
 from ..rundir import SUCCESS, is_done, mark_done, read_summary
-from ..tracking import METRICS, TENSORBOARD
+from ..training.engine import CHECKPOINT
+from ..training.tracking import METRICS, TENSORBOARD
 
 log = logging.getLogger(__name__)
 

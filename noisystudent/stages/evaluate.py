@@ -9,9 +9,9 @@ from omegaconf import DictConfig
 
 from ..config import read_settings, worker_nice
 from ..data.transforms import eval_transform
-from ..evaluation import evaluate
-from ..models import check_num_classes, eval_img_size, load_exported_model
-from ..report import report_row, write_report
+from ..models.build import check_num_classes, eval_img_size, load_exported_model
+from ..reporting.evaluation import evaluate
+from ..reporting.report import report_row, write_report
 from ..rundir import command_for_round, finished_models, teacher_dir
 from .common import dali_eval, num_classes, shards
 from .contract import Step, StepRun

@@ -26,9 +26,9 @@ from omegaconf import DictConfig
 from ..config import read_settings
 from ..errors import ConfigError, DataError, MissingInputError
 from ..files import atomic_write_bytes, read_json
-from ..inference import fuse_batchnorm, relative_diff
-from ..models import MODEL_WEIGHTS, eval_img_size, load_exported_model
-from ..report import markdown_table
+from ..models.build import MODEL_WEIGHTS, eval_img_size, load_exported_model
+from ..models.inference import fuse_batchnorm, relative_diff
+from ..reporting.report import markdown_table
 from ..rundir import SUMMARY, command_for_round, finished_models, read_summary
 from .contract import Step, StepRun
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from ..batchnorm import reestimate_batchnorm
 from ..config import (
     DATA_KEYS,
     EVAL_KEYS,
@@ -38,12 +37,13 @@ from ..data.prefetch import DevicePrefetcher
 from ..data.shards import SampleDecoder, count_samples
 from ..data.streams import labeled_batches
 from ..data.transforms import InputNormalizer, eval_transform, model_norm
-from ..engine import TrainJob
 from ..errors import ConfigError, MissingInputError
 from ..files import read_json
-from ..losses import noisy_student_loss
-from ..models import MODEL_INFO, MODEL_WEIGHTS, check_num_classes, create_model, freeze_stages, load_weights
+from ..models.build import MODEL_INFO, MODEL_WEIGHTS, check_num_classes, create_model, freeze_stages, load_weights
 from ..rundir import command_for_round, finetune_dir, is_done, read_summary, student_dir
+from ..training.batchnorm import reestimate_batchnorm
+from ..training.engine import TrainJob
+from ..training.losses import noisy_student_loss
 from .common import dali_training_stream, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
 

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import positive_int
 from ..errors import ConfigError
-from ..presets import student_model
-from ..report import REPORT_MD, report_row, write_report
+from ..models.presets import student_model
+from ..reporting.report import REPORT_MD, report_row, write_report
 from ..rundir import finished_models, read_summary
 from . import finetune, pseudolabel, student, teacher
 from .contract import run_step

@@ -28,9 +28,9 @@ from ..data.streams import ImageFiles, rank_shards, read_tar
 from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm
 from ..errors import ConfigError, MissingInputError
 from ..files import atomic_write, atomic_write_bytes, read_json
-from ..inference import prepare
-from ..labeling import Decoding, run_model
-from ..models import MODEL_WEIGHTS, eval_img_size, load_exported_model
+from ..models.build import MODEL_WEIGHTS, eval_img_size, load_exported_model
+from ..models.inference import prepare
+from ..pseudolabels.labeling import Decoding, run_model
 from ..rundir import SUMMARY, command_for_round, finished_models, is_done, read_summary
 from .common import dali_eval
 from .contract import Step, StepRun

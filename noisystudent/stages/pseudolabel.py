@@ -22,22 +22,22 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ..audit import audit_label_files, plot_audits
-from ..calibration import fit_temperature
 from ..config import DATA_SPLIT_KEYS, positive_int, read_settings, round_number, worker_nice
+from ..data.labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, write_label_file
 from ..data.streams import rank_shards
 from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm
-from ..engine import peak_device_memory_mib
 from ..errors import ConfigError, DataError
-from ..evaluation import evaluate
 from ..files import read_json, write_json
-from ..inference import prepare
-from ..labeling import Decoding, run_model
-from ..labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, write_label_file
-from ..models import check_num_classes, eval_img_size, load_exported_model
-from ..plots import pct, pyplot, save_png
+from ..models.build import check_num_classes, eval_img_size, load_exported_model
+from ..models.inference import prepare
+from ..pseudolabels.audit import audit_label_files, plot_audits
+from ..pseudolabels.calibration import fit_temperature
+from ..pseudolabels.labeling import Decoding, run_model
+from ..pseudolabels.selection import HIST_BINS, Selection, class_statistics, select
+from ..reporting.evaluation import evaluate
+from ..reporting.plots import pct, pyplot, save_png
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
-from ..selection import HIST_BINS, Selection, class_statistics, select
+from ..training.engine import peak_device_memory_mib
 from .common import dali_eval, num_classes, shards
 from .contract import Step, StepRun, main_decides
 

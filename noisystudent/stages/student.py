@@ -25,15 +25,13 @@ from ..config import (
     worker_nice,
 )
 from ..data.dali import index_summary, pseudo_labeled_index, summary_counts, train_recipe
+from ..data.labels import label_paths
 from ..data.shards import SampleDecoder
 from ..data.streams import JoinPseudoLabels, labeled_batches, mixed_batches, pseudo_labeled_batches
 from ..data.transforms import train_transform
-from ..engine import TrainJob
 from ..errors import ConfigError, DataError, MissingInputError
 from ..files import read_json
-from ..labels import label_paths
-from ..losses import noisy_student_loss
-from ..models import (
+from ..models.build import (
     MODEL_INFO,
     MODEL_WEIGHTS,
     check_model_name,
@@ -43,10 +41,12 @@ from ..models import (
     load_exported_model,
     load_weights,
 )
-from ..online_targets import OnlineTargets
-from ..presets import student_model
+from ..models.presets import student_model
+from ..pseudolabels.selection import Selection
 from ..rundir import command_for_round, is_done, model_dir_for_round, pseudolabel_dir, read_summary, student_dir
-from ..selection import Selection
+from ..training.engine import TrainJob
+from ..training.losses import noisy_student_loss
+from ..training.online_targets import OnlineTargets
 from .common import DALI_INDEX, dali_records, dali_training_stream, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
 

@@ -20,10 +20,10 @@ from ..data.dali import index_summary, summary_counts, train_recipe
 from ..data.shards import SampleDecoder, count_samples
 from ..data.streams import labeled_batches
 from ..data.transforms import train_transform
-from ..engine import TrainJob
-from ..losses import noisy_student_loss
-from ..models import check_model_name, create_model
+from ..models.build import check_model_name, create_model
 from ..rundir import teacher_dir
+from ..training.engine import TrainJob
+from ..training.losses import noisy_student_loss
 from .common import dali_training_stream, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
 

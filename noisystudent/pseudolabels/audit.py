@@ -17,8 +17,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .labels import LabelFile
-from .plots import pct, pyplot, save_png
+from ..data.labels import LabelFile
+from ..reporting.plots import pct, pyplot, save_png
 from .selection import Selection
 
 AUDIT_BINS = 10

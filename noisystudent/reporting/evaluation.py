@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .data.shards import SampleDecoder
-from .data.streams import make_loader, ordered_stream, rank_shards
-from .data.transforms import InputNormalizer, model_norm
-from .errors import DataError
+from ..data.shards import SampleDecoder
+from ..data.streams import make_loader, ordered_stream, rank_shards
+from ..data.transforms import InputNormalizer, model_norm
+from ..errors import DataError
 
 # no_grad, not inference_mode: the model evaluated may be updated afterwards (the EMA model of a periodic
 # evaluation, its BatchNorm statistics then re-estimated), and a tensor made in inference mode cannot be
@@ -32,8 +32,8 @@ def evaluate(accelerator, model, urls: list[str], num_classes: int, transform, b
     normalize = InputNormalizer(*model_norm(model), channels_last=channels_last)
     mine = rank_shards(urls, accelerator.process_index, accelerator.num_processes)
     if dali is not None:
-        from .data.dali import ordered_batches
-        from .data.dali_index import index_shards
+        from ..data.dali import ordered_batches
+        from ..data.dali_index import index_shards
 
         records = index_shards(dali["index_dir"], urls, max(1, num_workers), accelerator)
         loader = ordered_batches(mine, records, dali["index_dir"], dali["recipe"], batch_size, max(1, num_workers),

@@ -11,8 +11,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save
 
-from .errors import ConfigError, MissingInputError
-from .files import atomic_write_bytes
+from ..errors import ConfigError, MissingInputError
+from ..files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

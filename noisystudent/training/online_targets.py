@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .data.transforms import model_norm
+from ..data.transforms import model_norm
 
 
 class OnlineTargets:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw, jpeg_decoder
-from .data.shards import SampleDecoder
-from .data.streams import ShardBatches, make_loader, read_tar
-from .data.transforms import InputNormalizer, resize_target
-from .labels import topk_arrays, topk_on_device
+from ..data.device_decode import DeviceJpegDecoder, RawJpegDecoder, collate_raw, jpeg_decoder
+from ..data.labels import topk_arrays, topk_on_device
+from ..data.shards import SampleDecoder
+from ..data.streams import ShardBatches, make_loader, read_tar
+from ..data.transforms import InputNormalizer, resize_target
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str]
     not used."""
     device = accelerator.device
     if dali is not None:
-        from .data.dali import ordered_batches
-        from .data.dali_index import index_shards
+        from ..data.dali import ordered_batches
+        from ..data.dali_index import index_shards
 
         # this process's sources only (they are disjoint across processes): no collective here
         records = index_shards(dali["index_dir"], sources, max(1, how.num_workers))

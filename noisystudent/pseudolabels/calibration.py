@@ -40,7 +40,7 @@ def fit_temperature(measure, source: str) -> dict:
     a config key). The fitted temperature and the NLL / ECE before and after it."""
     before = measure(1.0, GRID)
     if not before["images"]:
-        from .errors import DataError
+        from ..errors import DataError
 
         raise DataError(f"pseudolabel.calibrate=true: {source} holds no labeled image to fit the temperature on")
     t = best_temperature(GRID.tolist(), before["nll_at"])

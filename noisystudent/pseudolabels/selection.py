@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
-from .labels import LabelFile
+from ..data.labels import LabelFile
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save
 
-from .errors import DataError
-from .files import atomic_write_bytes
+from ..errors import DataError
+from ..files import atomic_write_bytes
 
 SUFFIX = ".labels.safetensors"
 ERROR_SUFFIX = ".error.json"

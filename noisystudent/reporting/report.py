@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .files import atomic_write_bytes, write_json
-from .models import eval_img_size
+from ..files import atomic_write_bytes, write_json
+from ..models.build import eval_img_size
+from ..rundir import is_done, pseudolabel_dir, read_summary
+from ..training.tracking import read_metrics
 from .plots import pct, pyplot, save_png
-from .rundir import is_done, pseudolabel_dir, read_summary
-from .tracking import read_metrics
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

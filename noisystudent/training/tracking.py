@@ -7,38 +7,18 @@ drops its events from the next step on (SummaryWriter's purge_step)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from .errors import ConfigError
-from .files import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # the event files' folder in the step directory
-TRACKINGS = ("auto", "tensorboard", "wandb", "mlflow", "none")
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
-def resolve_tracking(value) -> str:
-    """`tracking`: auto = tensorboard when the package is installed (it writes files, offline), else none."""
-    if value not in TRACKINGS:
-        raise ConfigError(f"tracking={value!r}: use auto (tensorboard when installed), tensorboard, wandb, mlflow "
-                          "or none")
-    if value == "auto":
-        return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
-    if value != "none" and importlib.util.find_spec(_PACKAGES[value]) is None:
-        extra = " (pip install 'noisystudent[track]')" if value == "tensorboard" else ""
-        raise ConfigError(f"tracking={value}: the {_PACKAGES[value]} package is not installed{extra}; install it, "
-                          "or set tracking=none (metrics.jsonl is written either way)")
-    return value
-
-
 def _tracker(kind: str, step_dir: Path, first_step: int):
     from accelerate import tracking
 

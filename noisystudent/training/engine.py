@@ -20,11 +20,11 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .config import TrainSettings, learning_rate
-from .data.prefetch import DevicePrefetcher
-from .data.transforms import InputNormalizer, model_norm
-from .errors import DataError, NoisyStudentError
-from .files import atomic_write
+from ..config import TrainSettings, learning_rate
+from ..data.prefetch import DevicePrefetcher
+from ..data.transforms import InputNormalizer, model_norm
+from ..errors import DataError, NoisyStudentError
+from ..files import atomic_write
 from .tracking import MetricsLog
 
 log = logging.getLogger(__name__)
