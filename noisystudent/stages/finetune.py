@@ -42,7 +42,7 @@ from ..files import read_json
 from ..models.build import MODEL_INFO, MODEL_WEIGHTS, check_num_classes, create_model, freeze_stages, load_weights
 from ..rundir import command_for_round, finetune_dir, is_done, read_summary, student_dir
 from ..training.batchnorm import reestimate_batchnorm
-from ..training.engine import TrainJob
+from ..training.engine import TrainJob, stream_seed
 from ..training.losses import noisy_student_loss
 from .common import dali_training_stream, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
@@ -174,7 +174,8 @@ def work(run: StepRun) -> dict:
     def recalibrate(ema_model) -> dict:
         # at most one pass over the labeled images, in batches spread over the processes
         n_batches = math.ceil(min(s.bn_images, inp["n_labeled"]) / global_batch)
-        batches = DevicePrefetcher(stream(min(1, t.num_workers))(t.seed * 1_000_003 + 17 + accelerator.process_index),
+        seed = stream_seed(t.seed, accelerator.process_index, offset=17)  # apart from the training stream's
+        batches = DevicePrefetcher(stream(min(1, t.num_workers))(seed),
                                    accelerator.device,
                                    InputNormalizer(*model_norm(ema_model), channels_last=t.channels_last))
         try:

@@ -155,12 +155,130 @@ def periodic_eval(job: TrainJob, ema, step: int, history: list, best_ema: dict |
     return best_ema
 
 
-def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
-    """Train job.model; return (EMA model, training summary). Resumes from job.step_dir/checkpoint.pt."""
+def stream_seed(seed: int, rank: int, step: int = 0, offset: int = 0) -> int:
+    """The seed of a process's batch stream: from the run's seed, the process and the step it starts at (so a
+    resumed run does not replay the batches already trained on); `offset` keeps a second stream of the same
+    step (the fine-tune's BatchNorm pass) apart from the first."""
+    return seed * 1_000_003 + step * 7919 + offset + rank
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds beside the modules, and what the summary reports of the run so far."""
+
+    step: int = 0
+    images_seen: int = 0
+    corrupt: int = 0
+    prior_wall: float = 0.0  # seconds trained before this process started (earlier runs of a resumed step)
+    resumed_from: int | None = None
+    # periodic evaluations of the EMA model (epoch, step, top1, top5, loss, ece), and the best one's weights
+    history: list[dict] = field(default_factory=list)
+    best_ema: dict | None = None
+    shard_errors: dict[str, int] = field(default_factory=dict)  # error (with the shard's url) -> times hit
+
+    def state_dict(self, bare, ema, optimizer, scheduler, settings_hash: str, wall_s: float) -> dict:
+        return {
+            # model_ema: the key timm's load_state_dict(use_ema=True) reads, so the checkpoint loads in timm
+            "model": bare.state_dict(), "model_ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": self.step,
+            "images_seen": self.images_seen, "corrupt": self.corrupt, "wall_s": self.prior_wall + wall_s,
+            "settings_hash": settings_hash, "eval_history": self.history, "best_ema": self.best_ema,
+        }
+
+    def load(self, state: dict, bare, ema, optimizer, scheduler) -> None:
+        bare.load_state_dict(state["model"])
+        ema.load_state_dict(state["model_ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        self.step, self.images_seen, self.corrupt = state["step"], state["images_seen"], state["corrupt"]
+        self.prior_wall, self.resumed_from = state["wall_s"], state["step"]
+        self.history, self.best_ema = state.get("eval_history", []), state.get("best_ema")
+
+
+class StopOnSigterm:
+    """SIGTERM (Slurm preemption/requeue, a scheduler's timeout) sets a flag; the loop checkpoints at the end
+    of the step and raises Preempted. Inside `with`, the caller's handler is back afterwards."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.flag = accelerator, {"set": False}
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.update(set=True))
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def now(self) -> bool:
+        """The signal came and there is one process (nothing to agree with)."""
+        return self.accelerator.num_processes == 1 and self.flag["set"]
+
+    def requested(self, agree: bool) -> bool:
+        return stop_requested(self.accelerator, self.flag, agree)
+
+
+def preempted(step: int, total_steps: int, ckpt_path: Path) -> Preempted:
+    return Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to {ckpt_path}: rerun "
+                     "the same command to continue (resume=auto)")
+
+
+class IntervalMeter:
+    """The loss and its parts summed on the device and read once per log interval, with the interval's
+    images/s and the host's wait for batches; images/s over the whole loop counts from the end of its
+    first step (start-up and warm-up excluded)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.last = 0, {}
+        self.wait_s, self.t0, self.images = 0.0, time.time(), 0
+        self.loop_t0, self.loop_images = None, 0
+
+    def add(self, loss: torch.Tensor, parts: dict, n_images: int) -> None:
+        self.images += n_images
+        self.loop_images += n_images
+        if self.loop_t0 is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # once: the clock starts when the first step is done, not queued
+            self.loop_t0, self.loop_images = time.time(), 0
+        for name, value in {"loss": loss.detach(), **parts}.items():
+            self.sums[name] = self.sums[name] + value.detach() if name in self.sums else value.detach().clone()
+        self.steps += 1
+
+    def read(self) -> dict:
+        """The interval's means (the one read of the device), images/s and data-wait fraction; starts the next."""
+        self.last = {k: float(v) / self.steps for k, v in self.sums.items()}
+        self.sums.clear()
+        self.steps = 0
+        now = time.time()
+        out = {"losses": self.last, "images_per_sec": self.images / max(now - self.t0, 1e-9),
+               "data_wait_fraction": min(1.0, self.wait_s / max(now - self.t0, 1e-9)),
+               "loop_images_per_sec": self.loop_images_per_sec(now)}
+        self.wait_s, self.t0, self.images = 0.0, now, 0
+        return out
+
+    def loop_images_per_sec(self, now: float) -> float:
+        return self.loop_images / max(now - self.loop_t0, 1e-9) if self.loop_images else 0.0
+
+
+@dataclass
+class _Parts:
+    """The objects one run of the loop trains (built by `_build`)."""
+
+    bare: torch.nn.Module  # the module itself: what the EMA follows and checkpoints save, no DDP/compile wrapper
+    model: torch.nn.Module  # what the step calls: bare, wrapped by accelerate (DDP) and torch.compile
+    optimizer: object
+    scheduler: object
+    ema: ModelEmaV3
+    lr: float
+    total_steps: int
+
+
+def _build(accelerator, job: TrainJob, state: TrainState) -> _Parts:
+    """Model on the device, optimizer, schedule and EMA from timm, the checkpoint loaded when resuming, then
+    the model wrapped for the processes (and compiled)."""
     s = job.settings
-    device = accelerator.device
-    # the module itself: what the EMA follows and checkpoints save, free of DDP and compile wrappers
-    bare = job.model.to(device)
+    bare = job.model.to(accelerator.device)
     if s.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
     lr = learning_rate(s.optim, job.global_batch)
@@ -170,28 +288,14 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
     total_steps = max(1, round(s.epochs * job.steps_per_epoch))
     if s.max_steps:
         total_steps = min(total_steps, s.max_steps)
-
     ckpt_path = job.step_dir / CHECKPOINT
-    step, images_seen, corrupt, prior_wall = 0, 0, 0, 0.0
-    shard_errors: dict[str, int] = {}  # error (with the shard's url) -> times hit; shards are resampled
-    resumed_from = None
-    # periodic evaluations of the EMA model: (epoch, step, top1, top5, loss), and the best one's weights
-    history: list[dict] = []
-    best_ema: dict | None = None
     if s.resume == "auto" and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        bare.load_state_dict(state["model"])
-        ema.load_state_dict(state["model_ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, images_seen, corrupt, prior_wall = (state["step"], state["images_seen"], state["corrupt"],
-                                                  state["wall_s"])
-        resumed_from = step
-        history, best_ema = state.get("eval_history", []), state.get("best_ema")
-        log.info("resuming %s at step %d / %d", job.step_dir, step, total_steps)
-        if state.get("settings_hash") != job.settings_hash:
+        saved = load_checkpoint(ckpt_path)
+        state.load(saved, bare, ema, optimizer, scheduler)
+        log.info("resuming %s at step %d / %d", job.step_dir, state.step, total_steps)
+        if saved.get("settings_hash") != job.settings_hash:
             log.warning("%s was written with other settings (hash %s, now %s): continuing with the new ones; "
-                        "resume=never (or force=true) starts the step again", ckpt_path, state.get("settings_hash"),
+                        "resume=never (or force=true) starts the step again", ckpt_path, saved.get("settings_hash"),
                         job.settings_hash)
     # Every process loaded the same checkpoint into the bare modules above; prepare only wraps them
     # (DDP broadcasts rank 0's weights, which are the same), so nothing loaded is lost.
@@ -200,162 +304,154 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         # compiled around DDP (its graph breaks at the gradient buckets); checkpoints, the EMA and the
         # exported weights all read `bare`, so none of them holds compile's `_orig_mod.` names
         model = torch.compile(model)
-    scheduler.step_update(num_updates=step)
+    scheduler.step_update(num_updates=state.step)
+    return _Parts(bare, model, optimizer, scheduler, ema, lr, total_steps)
 
+
+def _train_step(accelerator, job: TrainJob, p: _Parts, images: torch.Tensor, batch: dict, step: int,
+                want_norm: bool):
+    """Forward, backward, clip, update, schedule and EMA; returns (loss, parts, grad norm or None). Nothing here
+    waits for the device: the norm (asked for at log steps only) is queued and read with the loss."""
+    s = job.settings
+    with accelerator.autocast():
+        logits = p.model(images)
+    loss, parts = job.loss(logits, batch)
+    accelerator.backward(loss)
+    grad_norm = None
+    if s.grad_clip:
+        grad_norm = accelerator.clip_grad_norm_(p.model.parameters(), s.grad_clip)
+    elif want_norm:
+        grad_norm = torch.nn.utils.get_total_norm([g.grad for g in p.bare.parameters() if g.grad is not None])
+    p.optimizer.step()
+    p.optimizer.zero_grad(set_to_none=True)
+    p.scheduler.step_update(num_updates=step + 1)
+    p.ema.update(p.bare, step=step + 1)
+    return loss, parts, grad_norm
+
+
+def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
+    """Train job.model; return (EMA model, training summary). Resumes from job.step_dir/checkpoint.pt."""
+    s, device = job.settings, accelerator.device
+    state = TrainState()
+    p = _build(accelerator, job, state)
+    ckpt_path, total_steps = job.step_dir / CHECKPOINT, p.total_steps
     log.info("training %s: %d steps (%.3g epochs x %d), global batch %d, lr %.3g, %d process(es)",
-             job.step_dir.name, total_steps, s.epochs, job.steps_per_epoch, job.global_batch, lr,
+             job.step_dir.name, total_steps, s.epochs, job.steps_per_epoch, job.global_batch, p.lr,
              accelerator.num_processes)
 
-    def snapshot():
-        return {
-            # model_ema: the key timm's load_state_dict(use_ema=True) reads, so the checkpoint loads in timm
-            "model": bare.state_dict(), "model_ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-            "images_seen": images_seen, "corrupt": corrupt, "wall_s": prior_wall + time.time() - t0,
-            "settings_hash": job.settings_hash, "eval_history": history, "best_ema": best_ema,
-        }
+    with StopOnSigterm(accelerator) as stop:  # whatever ends the loop, the caller gets its handler back
+        # Batches come as uint8 (data/transforms.py) and reach the device one step ahead, normalized there with
+        # the model's mean and std (data/prefetch.py); the stream is seeded with the start step (stream_seed).
+        batches = DevicePrefetcher(job.batches(stream_seed(s.seed, accelerator.process_index, state.step)),
+                                   device, InputNormalizer(*model_norm(p.bare), channels_last=s.channels_last))
+        metrics = MetricsLog(job.step_dir, s.tracking, state.resumed_from, accelerator.is_main_process)
+        p.model.train()
+        t0 = time.time()
+        meter, empty = IntervalMeter(device), _EmptyStreamGuard()
 
-    def checkpoint():
-        state = snapshot()
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt_path, state)
-        accelerator.wait_for_everyone()
+        def checkpoint():
+            saved = state.state_dict(p.bare, p.ema, p.optimizer, p.scheduler, job.settings_hash, time.time() - t0)
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_path, saved)
+            accelerator.wait_for_everyone()
 
-    # SIGTERM (Slurm preemption/requeue, a scheduler's timeout) -> checkpoint at the end of the step, then exit
-    stop_flag = {"set": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(set=True))
-    # Seed the stream with the start step so a resumed run does not replay the same batches.
-    # Batches come as uint8 (data/transforms.py) and reach the device one step ahead, normalized there
-    # with the model's mean and std (data/prefetch.py).
-    batches = DevicePrefetcher(job.batches(s.seed * 1_000_003 + step * 7919 + accelerator.process_index), device,
-                               InputNormalizer(*model_norm(bare), channels_last=s.channels_last))
-    metrics = MetricsLog(job.step_dir, s.tracking, resumed_from, accelerator.is_main_process)
-    model.train()
-    t0 = time.time()
-    loop_images, loop_t0 = 0, None
-    # per log interval: host time spent waiting for the next batch, and the wall time of the interval
-    wait_s, interval_t0, interval_images, grad_norm = 0.0, time.time(), 0, None
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process,
-               desc=job.step_dir.name, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-    # the loss and its parts are summed on the device and read at the log interval only
-    logged: dict[str, torch.Tensor] = {}
-    logged_steps, last_losses = 0, {}
-    empty = _EmptyStreamGuard()
-    try:
-        while step < total_steps:
-            t_wait = time.time()
-            batch = next(batches)
-            wait_s += time.time() - t_wait
-            corrupt += batch["n_corrupt"]
-            for err in batch.get("shard_errors", ()):
-                shard_errors[err] = shard_errors.get(err, 0) + 1
-            if batch["images"].numel() == 0:
-                empty.empty(batch, f"training stream of {job.step_dir}")
-                if accelerator.num_processes == 1 and stop_flag["set"]:
-                    checkpoint()  # nothing trained since the last step, but the stop is honoured at once
-                    raise Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to "
-                                    f"{ckpt_path}: rerun the same command to continue (resume=auto)")
-                continue
-            empty.reset()
-            images = batch["images"]  # on the device, normalized (DevicePrefetcher)
-            with accelerator.autocast():
-                logits = model(images)
-            loss, parts = job.loss(logits, batch)
-            accelerator.backward(loss)
-            log_next = (step + 1) % s.log_every_steps == 0 or step + 1 == total_steps
-            if s.grad_clip:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)
-            elif log_next:  # the norm is queued on the device here and read with the loss at the log step
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in bare.parameters() if p.grad is not None])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            scheduler.step_update(num_updates=step)
-            ema.update(bare, step=step)
-            n = images.shape[0] * accelerator.num_processes
-            images_seen += n
-            loop_images += n
-            interval_images += n
-            if loop_t0 is None:  # images/s counts from the end of the first step: start-up and warm-up excluded
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # once: the clock starts when the first step is done, not queued
-                loop_t0, loop_images = time.time(), 0
-            for name, value in {"loss": loss.detach(), **parts}.items():
-                logged[name] = logged[name] + value.detach() if name in logged else value.detach().clone()
-            logged_steps += 1
-            bar.update(1)
-            # Nothing above waits for the device: the loss is summed there, and read (with images/s and the
-            # stop agreement of several processes) only at the log interval.
-            log_now = step % s.log_every_steps == 0 or step == total_steps
-            if log_now:
-                last_losses = {k: float(v) / logged_steps for k, v in logged.items()}  # the one read of the device
-                logged.clear()
-                logged_steps = 0
-                now = time.time()
-                ips = loop_images / max(now - loop_t0, 1e-9) if loop_images else 0.0
-                lr_now = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(**{k: f"{v:.3f}" for k, v in last_losses.items()}, lr=f"{lr_now:.2e}",
-                                img_s=f"{ips:.0f}", refresh=False)
-                metrics.log({"step": step, "epoch": step / job.steps_per_epoch, **last_losses, "lr": lr_now,
-                             "images_per_sec": interval_images / max(now - interval_t0, 1e-9),
-                             "data_wait_fraction": min(1.0, wait_s / max(now - interval_t0, 1e-9)),
-                             "grad_norm": None if grad_norm is None else float(grad_norm)})
-                wait_s, interval_t0, interval_images = 0.0, now, 0
-            epoch_end = step % job.steps_per_epoch == 0
-            every = s.eval_every_epochs
-            if epoch_end and every and job.evaluate and (step // job.steps_per_epoch) % every == 0:
-                best_ema = periodic_eval(job, ema, step, history, best_ema, s.eval_keep == "best", metrics)
-            save_now = step % s.ckpt_every_steps == 0 or epoch_end or step == total_steps
-            stop = stop_requested(accelerator, stop_flag, agree=log_now or save_now)
-            if save_now or stop:
-                checkpoint()
-            if stop:
-                raise Preempted(f"stopped by SIGTERM at step {step} of {total_steps}; checkpoint saved to "
-                                f"{ckpt_path}: rerun the same command to continue (resume=auto)")
-    finally:  # whatever ends the loop, the caller gets its SIGTERM handler back
-        signal.signal(signal.SIGTERM, previous_handler)
-        metrics.close()
-        bar.close()
-        batches.close()
-        del batches  # shuts the loader workers down now, not at interpreter exit
-    # a SIGTERM after the last agreement (in the final checkpoint's write) still stops the step here, before
-    # evaluation and export: the checkpoint holds every step, so the rerun goes straight to them
-    if stop_requested(accelerator, stop_flag, agree=True):
-        raise Preempted(f"stopped by SIGTERM after the last step ({step}); checkpoint saved to {ckpt_path}: rerun "
-                        "the same command to evaluate and export (resume=auto)")
+        bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
+                   desc=job.step_dir.name, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+        try:
+            while state.step < total_steps:
+                t_wait = time.time()
+                batch = next(batches)
+                meter.wait_s += time.time() - t_wait
+                state.corrupt += batch["n_corrupt"]
+                for err in batch.get("shard_errors", ()):
+                    state.shard_errors[err] = state.shard_errors.get(err, 0) + 1
+                if batch["images"].numel() == 0:
+                    empty.empty(batch, f"training stream of {job.step_dir}")
+                    if stop.now():
+                        checkpoint()  # nothing trained since the last step, but the stop is honoured at once
+                        raise preempted(state.step, total_steps, ckpt_path)
+                    continue
+                empty.reset()
+                images = batch["images"]  # on the device, normalized (DevicePrefetcher)
+                log_now = (state.step + 1) % s.log_every_steps == 0 or state.step + 1 == total_steps
+                loss, parts, grad_norm = _train_step(accelerator, job, p, images, batch, state.step, log_now)
+                state.step += 1
+                n = images.shape[0] * accelerator.num_processes
+                state.images_seen += n
+                meter.add(loss, parts, n)
+                bar.update(1)
+                # Nothing above waits for the device: the loss is summed there, and read (with images/s and the
+                # stop agreement of several processes) only at the log interval.
+                if log_now:
+                    _log_interval(job, p, state.step, meter.read(), grad_norm, bar, metrics)
+                epoch_end = state.step % job.steps_per_epoch == 0
+                if epoch_end and job.evaluate and s.eval_every_epochs and (
+                        state.step // job.steps_per_epoch) % s.eval_every_epochs == 0:
+                    state.best_ema = periodic_eval(job, p.ema, state.step, state.history, state.best_ema,
+                                                   s.eval_keep == "best", metrics)
+                save_now = state.step % s.ckpt_every_steps == 0 or epoch_end or state.step == total_steps
+                stop_here = stop.requested(agree=log_now or save_now)
+                if save_now or stop_here:
+                    checkpoint()
+                if stop_here:
+                    raise preempted(state.step, total_steps, ckpt_path)
+        finally:
+            metrics.close()
+            bar.close()
+            batches.close()
+            del batches  # shuts the loader workers down now, not at interpreter exit
+        # a SIGTERM after the last agreement (in the final checkpoint's write) still stops the step here, before
+        # evaluation and export: the checkpoint holds every step, so the rerun goes straight to them
+        if stop.requested(agree=True):
+            raise Preempted(f"stopped by SIGTERM after the last step ({state.step}); checkpoint saved to "
+                            f"{ckpt_path}: rerun the same command to evaluate and export (resume=auto)")
+    return p.ema.module, _summary(accelerator, job, p, state, meter, time.time() - t0)
+
+
+def _log_interval(job: TrainJob, p: _Parts, step: int, interval: dict, grad_norm, bar, metrics: MetricsLog) -> None:
+    losses, lr_now = interval["losses"], p.optimizer.param_groups[0]["lr"]
+    bar.set_postfix(**{k: f"{v:.3f}" for k, v in losses.items()}, lr=f"{lr_now:.2e}",
+                    img_s=f"{interval['loop_images_per_sec']:.0f}", refresh=False)
+    metrics.log({"step": step, "epoch": step / job.steps_per_epoch, **losses, "lr": lr_now,
+                 "images_per_sec": interval["images_per_sec"], "data_wait_fraction": interval["data_wait_fraction"],
+                 "grad_norm": None if grad_norm is None else float(grad_norm)})
+
+
+def _summary(accelerator, job: TrainJob, p: _Parts, state: TrainState, meter: IntervalMeter, wall: float) -> dict:
+    """The training part of summary.json (after the loop: the weights kept, the counts summed over processes)."""
+    s, device = job.settings, accelerator.device
     loop_end = time.time()
-    wall = loop_end - t0
-    best = max(history, key=lambda h: h["top1"]) if history else None  # the first of equal ones
-    if s.eval_keep == "best" and best_ema is not None:
-        ema.module.load_state_dict(best_ema)
-    in_sync = replicas_in_sync(accelerator, bare)
-    corrupt_total = int(accelerator.reduce(torch.tensor(corrupt, device=device), "sum"))
-    n_shard_errors = int(accelerator.reduce(torch.tensor(sum(shard_errors.values()), device=device), "sum"))
-    summary = {
-        "steps": step,
-        "resumed_from_step": resumed_from,
-        "epochs": step / job.steps_per_epoch,
+    best = max(state.history, key=lambda h: h["top1"]) if state.history else None  # the first of equal ones
+    if s.eval_keep == "best" and state.best_ema is not None:
+        p.ema.module.load_state_dict(state.best_ema)
+    in_sync = replicas_in_sync(accelerator, p.bare)
+    corrupt_total = int(accelerator.reduce(torch.tensor(state.corrupt, device=device), "sum"))
+    n_shard_errors = int(accelerator.reduce(torch.tensor(sum(state.shard_errors.values()), device=device), "sum"))
+    last = meter.last
+    return {
+        "steps": state.step,
+        "resumed_from_step": state.resumed_from,
+        "epochs": state.step / job.steps_per_epoch,
         "global_batch": job.global_batch,
-        "lr": lr,
+        "lr": p.lr,
         "processes": accelerator.num_processes,
         # what precision=auto / channels_last=auto became on this device, and train.compile
         "precision": str(accelerator.mixed_precision), "channels_last": s.channels_last, "compile": s.compile,
         "replicas_in_sync": in_sync,
         "peak_device_memory_mib": peak_device_memory_mib(device),
-        "images_seen": images_seen,
-        "images_per_sec": loop_images / max(loop_end - loop_t0, 1e-9) if loop_images else 0.0,
-        "train_wall_s": prior_wall + wall,
+        "images_seen": state.images_seen,
+        "images_per_sec": meter.loop_images_per_sec(loop_end),
+        "train_wall_s": state.prior_wall + wall,
         # mean over the last log interval: the loss and its parts (labeled / pseudo-labeled for a student)
-        "final_loss": last_losses.get("loss", float("nan")),
-        "final_loss_parts": {k: v for k, v in last_losses.items() if k != "loss"},
+        "final_loss": last.get("loss", float("nan")),
+        "final_loss_parts": {k: v for k, v in last.items() if k != "loss"},
         "corrupt_skipped": corrupt_total,
         # shard read errors while training (the stream skips the shard and draws another);
         # the messages are this process's, the count is summed over processes
         "shard_read_errors": n_shard_errors,
-        "unreadable_shards": sorted(shard_errors)[:20],
+        "unreadable_shards": sorted(state.shard_errors)[:20],
         # eval.every_epochs: the EMA model's top-1/top-5/loss at those epoch ends; the weights kept (eval.keep)
-        "periodic_eval": history, "best_epoch": best and best["epoch"], "best_top1": best and best["top1"],
-        "kept": "best" if s.eval_keep == "best" and best_ema is not None else "last",
+        "periodic_eval": state.history, "best_epoch": best and best["epoch"], "best_top1": best and best["top1"],
+        "kept": "best" if s.eval_keep == "best" and state.best_ema is not None else "last",
         **job.extra_summary,
     }
-    return ema.module, summary
