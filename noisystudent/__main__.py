@@ -95,9 +95,24 @@ def end_child_processes() -> None:
         child.join(timeout=10)
 
 
+def submitit_processes() -> None:
+    """Under Hydra's submitit launcher (hydra/launcher=submitit_slurm, or submitit_local), each task of the job
+    is one process of the step: export the variables torch's env:// rendezvous reads (RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) from submitit's job environment, as torchrun
+    would. With one task nothing is set (one process). A launcher that set them already is left alone."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "WORLD_SIZE" in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size > 1:
+        env.export(set_cuda_visible_devices=False)  # accelerate picks the GPU by LOCAL_RANK
+
+
 @hydra.main(version_base="1.3", config_path="pkg://noisystudent.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger().setLevel(logging.INFO)
+    submitit_processes()
     try:
         OmegaConf.resolve(cfg)
         run_stage(cfg)

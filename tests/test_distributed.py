@@ -134,3 +134,13 @@ def test_sigterm_stops_both_processes_at_one_log_step(digits_root, tmp_path):
     s = read_json(tmp_path / "teacher" / "summary.json")
     assert s["resumed_from_step"] == stops[0] and s["steps"] == stops[0] + 2 and s["replicas_in_sync"]
 
+
+def test_hydra_submitit_launcher_runs_a_step_as_two_tasks(digits_root, tmp_path):
+    """hydra/launcher=submitit_local is Hydra's submitit launcher (the code path of submitit_slurm, with local
+    processes for Slurm's tasks): one job of 2 tasks is one step on 2 processes, as under torchrun."""
+    _ok(cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
+            f"hydra.sweep.dir={tmp_path}/hydra", "stage=teacher", f"run_dir={tmp_path}/run", f"data.root={digits_root}",
+            *FAST, "max_steps=4", timeout=300))
+    s = read_json(tmp_path / "run/teacher/summary.json")
+    assert s["processes"] == 2 and s["replicas_in_sync"] and s["steps"] == 4 and s["eval"]["images"] == 539
+    assert len(list((tmp_path / "hydra/.submitit").glob("*/*_log.out"))) == 2  # one log per task

@@ -6,6 +6,9 @@
 #   pipelines/slurm/local_slurm.sh [RUN_DIR] [ROUNDS] [key=value ...]
 # TIME_LIMIT (minutes, default none) is set on the student jobs, with USR1 SIGNAL_BEFORE seconds
 # (default 30) before it, to exercise requeue-on-timeout and resume.
+# LAUNCHER=submitit sends `stage=iterate` through Hydra's submitit launcher instead of submit.sh's sbatch
+# chain (hydra/launcher=submitit_slurm, pip install 'noisystudent[slurm]'): one Slurm job of TASKS tasks
+# (default 1), each one process of the step; Hydra waits for it and the job logs are printed.
 set -euo pipefail
 RUN_DIR=$(realpath -m "${1:-runs/slurm_demo}")
 ROUNDS=${2:-1}
@@ -59,6 +62,19 @@ for _ in $(seq 60); do sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'
 sinfo
 
 export NS_PYTHON=${NS_PYTHON:-$(command -v python)}
+if [ "${LAUNCHER:-sbatch}" = submitit ]; then
+  TASKS=${TASKS:-1}
+  "$NS_PYTHON" -m noisystudent -m hydra/launcher=submitit_slurm hydra.launcher.partition=local \
+    hydra.launcher.nodes=1 hydra.launcher.tasks_per_node="$TASKS" hydra.launcher.cpus_per_task=$(( $(nproc) / TASKS )) \
+    hydra.launcher.timeout_min=60 hydra.sweep.dir="$RUN_DIR/hydra" \
+    stage=iterate iterate.rounds="$ROUNDS" run_dir="$RUN_DIR" "$@"
+  echo "--- job logs"
+  for f in "$RUN_DIR"/hydra/.submitit/*/*_log.*; do echo "== $f"; grep -vE 'it/s\]|UserWarning|warnings.warn' "$f" | tail -n 8; done
+  echo "--- final state"
+  for j in "$RUN_DIR"/hydra/.submitit/*/; do scontrol show job "$(basename "$j")" | grep -oE 'JobState=[A-Z]+|NumTasks=[0-9]+' | tr '\n' ' '; echo; done
+  cat "$RUN_DIR/report.md"
+  exit 0
+fi
 STUDENT_OPTS=${TIME_LIMIT:+--time=$TIME_LIMIT --signal=B:USR1@${SIGNAL_BEFORE:-30}} "$HERE/submit.sh" "$RUN_DIR" "$ROUNDS" "$@"
 last=$(cat "$RUN_DIR/slurm/last_job")
 while squeue -h -o %i | grep -q .; do sleep 5; squeue -h -o "%i %j %T %M %r"; done
