@@ -1,5 +1,5 @@
 """Accuracy on Fashion-MNIST: the whole loop over several seeds against a fully supervised reference.
-Run by hand (not a test); on 2 CPU cores a full run takes hours (see README, "Accuracy on Fashion-MNIST").
+Run by hand (not a test); on 2 CPU cores a full run takes hours (docs/results.md, "Accuracy on Fashion-MNIST").
 
     apt-get install dataset-fashion-mnist          # 60,000 train + 10,000 test images, 28x28, 10 classes
     python benchmarks/bench_accuracy.py --out /tmp/fmnist                     # 3 seeds, 2 rounds, the defaults

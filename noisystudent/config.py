@@ -159,7 +159,7 @@ def resolve_device_settings(cfg: DictConfig, precision: str, device_type: str) -
     cfg.precision = precision
     cfg.channels_last = resolve_channels_last(cfg.get("channels_last", "auto"), device_type)
     if OmegaConf.select(cfg, "pseudolabel.decode") == "auto":
-        # cpu everywhere: on the one GPU measured (an H100, 16 cores; README), the loader workers' PIL decode
+        # cpu everywhere: on the one GPU measured (an H100, 16 cores; docs/gpu.md), the loader workers' PIL decode
         # labeled 6,459 images/s and the device decode 4,134. data.loader=dali decodes on the GPU instead.
         cfg.pseudolabel.decode = "cpu"
     if OmegaConf.select(cfg, "data") is not None:

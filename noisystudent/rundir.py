@@ -1,17 +1,5 @@
-"""The run directory: fixed paths per step, `summary.json` + `_SUCCESS` markers.
-
-Layout (everything under run_dir, no timestamps, so stages find each other by convention):
-    teacher/                    checkpoint.pt, model.safetensors, model.json, metrics.jsonl, tensorboard/,
-                                config.yaml, summary.json, _SUCCESS
-    round_K/pseudolabel/        labels/<shard>.labels.safetensors, selection.json, selection.png,
-                                summary.json, _SUCCESS; audit.png and audit/ (data.audit's label files) with
-                                the audit, calibration.json with pseudolabel.calibrate
-    round_K/student/            like teacher/
-    round_K/finetune/           like teacher/: round K's student fine-tuned at its test resolution
-    export/                     model.safetensors, config.json (a timm model folder), model.onnx,
-                                README.md (model card), summary.json, _SUCCESS
-    report.json, report.md and its pictures (report.py)
-"""
+"""The run directory: fixed paths per step (no timestamps, so stages find each other by convention),
+`summary.json` + `_SUCCESS` markers. Every file of a run is described once, in docs/rundir.md."""
 
 from __future__ import annotations
 

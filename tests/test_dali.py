@@ -254,7 +254,7 @@ def test_teacher_and_student_trained_through_dali(good_teacher, digits_root, tmp
     s = run("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "train.epochs=60", "data.loader=dali")
     assert (s["loader"], ref["loader"]) == ("dali", "torch") and s["steps"] == ref["steps"] == 420
     print(f"teacher top-1 after 420 steps: torch {ref['top1']:.4f}, dali {s['top1']:.4f}")
-    # within the demo's seed-to-seed spread of the teacher (87.0-93.0% over 3 seeds, README)
+    # within the demo's seed-to-seed spread of the teacher (87.0-93.0% over 3 seeds, docs/results.md)
     assert abs(s["top1"] - ref["top1"]) < 0.06
     assert s["dali_index"]["indexed"] == 100 and s["corrupt_skipped"] == 0
     common = [f"run_dir={d}", f"data.root={digits_root}", *FAST, "data.loader=dali", "max_steps=12"]
