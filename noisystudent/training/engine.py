@@ -200,14 +200,20 @@ class StopOnSigterm:
     of the step and raises Preempted. Inside `with`, the caller's handler is back afterwards."""
 
     def __init__(self, accelerator):
-        self.accelerator, self.flag = accelerator, {"set": False}
+        self.accelerator, self.flag, self.previous = accelerator, {"set": False}, None
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.update(set=True))
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        self.restore()
+
+    def restore(self) -> None:
+        """The caller's handler back (idempotent); the flag stays readable."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
     def now(self) -> bool:
         """The signal came and there is one process (nothing to agree with)."""
@@ -344,20 +350,22 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
         # the model's mean and std (data/prefetch.py); the stream is seeded with the start step (stream_seed).
         batches = DevicePrefetcher(job.batches(stream_seed(s.seed, accelerator.process_index, state.step)),
                                    device, InputNormalizer(*model_norm(p.bare), channels_last=s.channels_last))
-        metrics = MetricsLog(job.step_dir, s.tracking, state.resumed_from, accelerator.is_main_process)
-        p.model.train()
-        t0 = time.time()
-        meter, empty = IntervalMeter(device), _EmptyStreamGuard()
-
-        def checkpoint():
-            saved = state.state_dict(p.bare, p.ema, p.optimizer, p.scheduler, job.settings_hash, time.time() - t0)
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_path, saved)
-            accelerator.wait_for_everyone()
-
-        bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
-                   desc=job.step_dir.name, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+        metrics = bar = None
         try:
+            metrics = MetricsLog(job.step_dir, s.tracking, state.resumed_from, accelerator.is_main_process)
+            p.model.train()
+            t0 = time.time()
+            meter, empty = IntervalMeter(device), _EmptyStreamGuard()
+
+            def checkpoint():
+                saved = state.state_dict(p.bare, p.ema, p.optimizer, p.scheduler, job.settings_hash,
+                                         time.time() - t0)
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt_path, saved)
+                accelerator.wait_for_everyone()
+
+            bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
+                       desc=job.step_dir.name, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
             while state.step < total_steps:
                 t_wait = time.time()
                 batch = next(batches)
@@ -395,11 +403,14 @@ def fit(accelerator, job: TrainJob) -> tuple[torch.nn.Module, dict]:
                     checkpoint()
                 if stop_here:
                     raise preempted(state.step, total_steps, ckpt_path)
-        finally:
-            metrics.close()
-            bar.close()
+        finally:  # the caller's SIGTERM handler back first, then the loop's files and loader workers closed
+            stop.restore()
+            if metrics is not None:
+                metrics.close()
+            if bar is not None:
+                bar.close()
             batches.close()
-            del batches  # shuts the loader workers down now, not at interpreter exit
+            del batches  # the last reference: shuts the loader workers down now, not at interpreter exit
         # a SIGTERM after the last agreement (in the final checkpoint's write) still stops the step here, before
         # evaluation and export: the checkpoint holds every step, so the rerun goes straight to them
         if stop.requested(agree=True):
