@@ -14,21 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import resolve_device_settings, resolve_precision
 from .errors import ConfigError, NoisyStudentError
+from .stages import MODULES
 from .training.host_memory import keep_freed_memory
 
 log = logging.getLogger("noisystudent")
-
-_MODULES = {
-    "teacher": "teacher",
-    "pseudolabel": "pseudolabel",
-    "student": "student",
-    "finetune": "finetune",
-    "evaluate": "evaluate",
-    "iterate": "iterate",
-    "export": "export",
-    "predict": "predict",
-    "import": "importer",
-}
 
 
 def make_accelerator(cfg: DictConfig):
@@ -68,9 +57,9 @@ def make_accelerator(cfg: DictConfig):
 
 def run_stage(cfg: DictConfig, accelerator=None):
     name = cfg.stage.name
-    if name not in _MODULES:
-        raise ConfigError(f"stage={name!r} is not a stage: use one of {', '.join(_MODULES)}")
-    module = importlib.import_module(f".stages.{_MODULES[name]}", __package__)
+    if name not in MODULES:
+        raise ConfigError(f"stage={name!r} is not a stage: use one of {', '.join(MODULES)}")
+    module = importlib.import_module(f".stages.{MODULES[name]}", __package__)
     accelerator = accelerator or make_accelerator(cfg)
     # precision=auto / channels_last=auto become what they mean on this accelerator's device
     resolve_device_settings(cfg, str(accelerator.mixed_precision), accelerator.device.type)
@@ -99,21 +88,25 @@ def submitit_processes() -> None:
     """Under Hydra's submitit launcher (hydra/launcher=submitit_slurm, or submitit_local), each task of the job
     is one process of the step: export the variables torch's env:// rendezvous reads (RANK, WORLD_SIZE,
     LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) from submitit's job environment, as torchrun
-    would. With one task nothing is set (one process). A launcher that set them already is left alone."""
-    if not os.environ.get("SUBMITIT_EXECUTOR") or "WORLD_SIZE" in os.environ:
+    would, replacing any the submitting shell passed on (a MASTER_PORT set there is kept: submitit reads it).
+    A job of one task runs as one process, whatever the shell had set."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
         return
     from submitit.helpers import TorchDistributedEnvironment
 
     env = TorchDistributedEnvironment()
     if env.world_size > 1:
-        env.export(set_cuda_visible_devices=False)  # accelerate picks the GPU by LOCAL_RANK
+        env.export(set_cuda_visible_devices=False, overwrite=True)  # accelerate picks the GPU by LOCAL_RANK
+    else:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(key, None)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://noisystudent.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger().setLevel(logging.INFO)
-    submitit_processes()
     try:
+        submitit_processes()
         OmegaConf.resolve(cfg)
         run_stage(cfg)
         close_process_group()

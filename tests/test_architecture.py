@@ -34,13 +34,15 @@ def room(module: str) -> str:
 def imports(path: Path, root: Path = PKG) -> set[str]:
     """Every noisystudent module a file imports, relative imports resolved."""
     module = "noisystudent." + ".".join(path.relative_to(root).with_suffix("").parts)
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    package = module.removesuffix(".__init__") if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.split(".")[: len(package.split(".")) - node.level + 1]
             target = ".".join(base + ([node.module] if node.module else []))
             found |= {f"{target}.{a.name}" for a in node.names} if node.module is None else {target}
+        elif isinstance(node, ast.ImportFrom) and node.module == "noisystudent":
+            found |= {f"noisystudent.{a.name}" for a in node.names}  # from noisystudent import training
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("noisystudent"):
             found.add(node.module)
         elif isinstance(node, ast.Import):
@@ -63,10 +65,17 @@ def test_imports_point_down_only():
 
 
 def test_the_checker_sees_a_wrong_import(tmp_path):
-    # negative control: a data module importing the training loop, relatively and absolutely, is caught
-    fake = tmp_path / "noisystudent" / "data" / "probe.py"
-    fake.parent.mkdir(parents=True)
-    fake.write_text("from ..training.engine import fit\n\ndef f():\n    import noisystudent.reporting.plots\n")
-    targets = imports(fake, tmp_path / "noisystudent")
-    assert targets == {"noisystudent.training.engine", "noisystudent.reporting.plots"}
-    assert {room(t) for t in targets} & (ALLOWED["data"] | {"data", "base"}) == set()
+    # negative control: a data module importing the training loop (relatively, absolutely, as a name of the
+    # package) and a data/__init__.py importing it relatively are all caught
+    pkg = tmp_path / "noisystudent"
+    (pkg / "data").mkdir(parents=True)
+    probe = pkg / "data" / "probe.py"
+    probe.write_text("from ..training.engine import fit\nfrom noisystudent import training\n\ndef f():\n"
+                     "    import noisystudent.reporting.plots\n")
+    assert imports(probe, pkg) == {"noisystudent.training.engine", "noisystudent.training",
+                                   "noisystudent.reporting.plots"}
+    init = pkg / "data" / "__init__.py"
+    init.write_text("from ..training import engine\nfrom .shards import x\n")
+    assert imports(init, pkg) == {"noisystudent.training", "noisystudent.data.shards"}
+    allowed = ALLOWED["data"] | {"data", "base"}
+    assert {room(t) for t in imports(probe, pkg) | {"noisystudent.training"}} - allowed == {"training", "reporting"}

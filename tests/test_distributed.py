@@ -87,9 +87,9 @@ def test_two_nodes_one_process_each(digits_root, tmp_path):
 
     args = ["-m", "noisystudent", "stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST,
             "max_steps=6", "num_workers=0"]
-    env = launch_env()
+    env, port = launch_env(), str(free_port())  # one rendezvous port for both nodes
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
-                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
                                *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -1,3 +1,6 @@
 """One module per stage; each reads cfg + run_dir and writes its step directory."""
 
-STAGES = ("teacher", "pseudolabel", "student", "finetune", "evaluate", "iterate", "export", "predict", "import")
+# stage name -> its module (import is a Python keyword): the one list of stages, read by the entry point
+MODULES = {"teacher": "teacher", "pseudolabel": "pseudolabel", "student": "student", "finetune": "finetune",
+           "evaluate": "evaluate", "iterate": "iterate", "export": "export", "predict": "predict", "import": "importer"}
+STAGES = tuple(MODULES)
