@@ -69,9 +69,13 @@ if [ "${LAUNCHER:-sbatch}" = submitit ]; then
     hydra.launcher.timeout_min=60 hydra.sweep.dir="$RUN_DIR/hydra" \
     stage=iterate iterate.rounds="$ROUNDS" run_dir="$RUN_DIR" "$@"
   echo "--- job logs"
-  for f in "$RUN_DIR"/hydra/.submitit/*/*_log.*; do echo "== $f"; grep -vE 'it/s\]|UserWarning|warnings.warn' "$f" | tail -n 8; done
+  for f in "$RUN_DIR"/hydra/.submitit/*/*_log.*; do echo "== $f"; { grep -vE 'it/s\]|UserWarning|warnings.warn' "$f" || true; } | tail -n 8; done
   echo "--- final state"
-  for j in "$RUN_DIR"/hydra/.submitit/*/; do scontrol show job "$(basename "$j")" | grep -oE 'JobState=[A-Z]+|NumTasks=[0-9]+' | tr '\n' ' '; echo; done
+  sleep 5  # Slurm marks the job completed a moment after its tasks exit
+  for j in "$RUN_DIR"/hydra/.submitit/*/; do
+    { scontrol show job "$(basename "$j")" || true; } | { grep -oE 'JobId=[0-9]+|JobState=[A-Z]+|NumTasks=[0-9]+' || true; } | tr '\n' ' '
+    echo
+  done
   cat "$RUN_DIR/report.md"
   exit 0
 fi
