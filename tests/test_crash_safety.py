@@ -6,11 +6,13 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from noisystudent.training.engine import load_checkpoint
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch

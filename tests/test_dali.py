@@ -246,6 +246,7 @@ def test_labels_agree_with_the_pil_path(good_teacher, digits_root, jpeg_shards, 
     assert agree / total >= 0.99
 
 
+@pytest.mark.slow
 def test_teacher_and_student_trained_through_dali(good_teacher, digits_root, tmp_path):
     """The demo's teacher trained through DALI for the 420 steps good_teacher trained through the torch path
     (same data, model and seed), then pseudo-labels and a student through DALI on 2 processes."""

@@ -10,6 +10,8 @@ from conftest import FAST, accelerate_launch, cli, free_port, launch_env, run
 
 from noisystudent.files import read_json
 
+pytestmark = pytest.mark.slow  # every test here launches several processes
+
 
 def torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]

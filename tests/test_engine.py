@@ -109,6 +109,7 @@ def test_probe_catches_a_read_in_every_step(tmp_path):
     assert [step for step, _ in _steps_with_reads(counter["reads"], 5, 6)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_two_processes_read_the_device_only_at_log_intervals(tmp_path):
     """With several processes the SIGTERM agreement is an all-reduce read on the host: at the log interval only."""
     env = launch_env(PYTHONPATH=TESTS_ON_PATH)

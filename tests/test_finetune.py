@@ -155,6 +155,7 @@ def test_a_model_tested_at_its_train_resolution_is_not_fine_tuned(tmp_path, digi
     assert s["img_size"] == 36 and s["model"]["test_img_size"] == 36
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_finetune_then_rerun_resumes(tuned_run, digits_root, tmp_path):
     d = tmp_path / "run"
     shutil.copytree(tuned_run, d, ignore=shutil.ignore_patterns("finetune"))

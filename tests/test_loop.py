@@ -22,6 +22,8 @@ from noisystudent.files import read_json
 CLASSES = 4
 PALETTE = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]], dtype=np.float32)
 
+pytestmark = pytest.mark.slow  # every test here launches several processes
+
 
 def _jpeg(cls: int, rng: np.random.Generator) -> bytes:
     """A 24x24 JPEG of class `cls`: the class colour in a random square on a noisy grey background."""

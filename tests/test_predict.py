@@ -64,6 +64,7 @@ def test_predict_on_shards_gives_the_pseudo_labels(teacher_copy, digits_root):
     assert np.array_equal(np.array([[t["class"] for t in r["top"]] for r in rows]), labels["topk_ids"])
 
 
+@pytest.mark.slow
 def test_predict_uses_the_export_and_two_processes_write_what_one_does(teacher_copy, digits_root, photos, tmp_path):
     run("stage=export", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST, "export.onnx=false")
     args = [f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST, f"predict.src={photos}",

@@ -76,6 +76,7 @@ def test_rerun_after_lost_shards_gives_identical_files(teacher_copy, digits_root
     assert _label_files(teacher_copy) == reference
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(teacher_copy, digits_root, tmp_path):
     """A real kill mid-labeling (small batches so it takes a while), then a rerun."""
     reference_run = tmp_path / "reference"
@@ -99,6 +100,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(teacher_copy, digits_root, tmp_
             == read_json(reference_run / "round_1/pseudolabel/selection.json"))
 
 
+@pytest.mark.slow
 def test_two_processes_write_what_one_does(teacher_copy, digits_root, tmp_path):
     one = tmp_path / "one"
     shutil.copytree(teacher_copy, one)

@@ -128,6 +128,7 @@ def test_stream_applies_the_selection(labeled_run, digits_root):
     assert counts.tolist() == sel_json["counts_after"]
 
 
+@pytest.mark.slow
 def test_iterate_one_round_end_to_end(tmp_path, digits_root, capsys):
     r = run("stage=iterate", "iterate.rounds=1", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST)
     for p in ("teacher/_SUCCESS", "round_1/pseudolabel/_SUCCESS", "round_1/student/_SUCCESS", "report.json",
@@ -146,6 +147,7 @@ def test_iterate_one_round_end_to_end(tmp_path, digits_root, capsys):
     assert [round(x["top1"], 6) for x in ev["rounds"]] == [round(x["top1"], 6) for x in report["rounds"]]
 
 
+@pytest.mark.slow
 def test_a_step_gives_the_same_model_however_it_is_launched(tmp_path, digits_root):
     """Each step seeds itself from (seed, step, round, rank): the round-1 student trained inside iterate,
     alone (as the Slurm recipe runs it), or by an iterate rerun after its teacher, is the same, byte for byte."""
@@ -175,6 +177,7 @@ def test_iterate_models_per_round(tmp_path, digits_root):
     assert student_model(make_cfg("iterate.models=[test_resnet]"), 1).img_size == 32  # a plain timm name
 
 
+@pytest.mark.slow
 def test_killed_iterate_resumes_to_the_same_files(tmp_path, digits_root):
     """SIGKILL stage=iterate during round 1's student, rerun: it finishes, the steps done before the kill
     are not redone, and the file set equals an uninterrupted run's."""

@@ -72,6 +72,7 @@ def test_a_resumed_log_drops_what_was_logged_after_the_checkpoint(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_step_logs_each_step_once(tmp_path, digits_root):
     args = ["stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *FAST, "train.epochs=30",
             "train.ckpt_every_steps=10", "train.log_every_steps=3", "num_workers=0"]
