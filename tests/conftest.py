@@ -33,6 +33,11 @@ FAST = [
 ]
 
 
+# One torch thread in the test process, as the command-line runs get (OMP_NUM_THREADS=1 in `cli`): for the
+# tests' tiny models it is the faster setting on 2 cores (a FAST one-round iterate: 13.6 s with 1 thread,
+# 15.2 s with 2), and the loader worker keeps the other core.
+torch.set_num_threads(1)
+
 # The multi-process tests are CPU (gloo) tests of the distributed logic: NCCL cannot put two ranks on one
 # GPU, so where fewer than 2 GPUs are visible their processes run with the GPUs hidden.
 MULTI_PROCESS_ENV = {"CUDA_VISIBLE_DEVICES": ""} if torch.cuda.device_count() < 2 else {}

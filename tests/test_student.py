@@ -181,7 +181,7 @@ def test_iterate_models_per_round(tmp_path, digits_root):
 def test_killed_iterate_resumes_to_the_same_files(tmp_path, digits_root):
     """SIGKILL stage=iterate during round 1's student, rerun: it finishes, the steps done before the kill
     are not redone, and the file set equals an uninterrupted run's."""
-    args = ["stage=iterate", "iterate.rounds=1", f"data.root={digits_root}", *FAST, "student.epochs=6",
+    args = ["stage=iterate", "iterate.rounds=1", f"data.root={digits_root}", *FAST, "student.epochs=3",
             "num_workers=0"]
     ref = tmp_path / "ref"
     run(*args, f"run_dir={ref}")
