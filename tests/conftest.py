@@ -33,9 +33,11 @@ FAST = [
 ]
 
 
-# One torch thread in the test process, as the command-line runs get (OMP_NUM_THREADS=1 in `cli`): for the
-# tests' tiny models it is the faster setting on 2 cores (a FAST one-round iterate: 13.6 s with 1 thread,
-# 15.2 s with 2), and the loader worker keeps the other core.
+# One torch thread in the test process and in every process a test starts (cli and launch_env set it too):
+# for the tests' tiny models it is the faster setting on 2 cores (a FAST one-round iterate: 13.6 s with 1
+# thread, 15.2 s with 2), the loader worker keeps the other core, and a test comparing a killed command-line
+# run's files with an in-process run's compares the same arithmetic (the thread count changes the bits).
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 # The multi-process tests are CPU (gloo) tests of the distributed logic: NCCL cannot put two ranks on one

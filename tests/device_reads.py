@@ -136,6 +136,9 @@ def main() -> None:
     with recording_reads(counter), (recording_cuda_syncs(counter) if cuda else contextlib.nullcontext()):
         fit(accelerator, job)
     (out / f"reads-{accelerator.process_index}.json").write_text(json.dumps(counter))
+    if torch.distributed.is_initialized():  # torn down before exit, as the CLI does (close_process_group):
+        accelerator.wait_for_everyone()  # left to interpreter exit, a gloo rank was seen to abort there
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
