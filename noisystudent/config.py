@@ -60,7 +60,6 @@ def resolve_loader(value, device_type: str) -> str:
     return value
 
 
-
 def require(cfg: DictConfig, key: str, hint: str = ""):
     """cfg value at dotted `key`, or a ConfigError naming it when missing (???) or null."""
     try:

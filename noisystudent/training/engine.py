@@ -84,20 +84,6 @@ class Preempted(NoisyStudentError):
     exit_code = 143
 
 
-def stop_requested(accelerator, flag: dict, agree: bool) -> bool:
-    """Whether to stop for a SIGTERM after this step. With one process, as soon as it came (a host flag).
-    With several, every process must stop at the same step, or the others would wait forever in the next
-    collective: they agree by an all-reduce, which reads a device value, so only at the steps where
-    `agree` is true (the log interval, checkpoints, the last step), never in between. A stop therefore
-    comes at most train.log_every_steps steps after the signal (see docs/stages.md)."""
-    if accelerator.num_processes == 1:
-        return flag["set"]
-    if not agree:
-        return False
-    t = torch.tensor([1 if flag["set"] else 0], device=accelerator.device)
-    return bool(accelerator.reduce(t, "sum").item() > 0)
-
-
 def peak_device_memory_mib(device: torch.device) -> float | None:
     """The most memory torch's allocator held for tensors on a CUDA device in this process (None elsewhere)."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -200,27 +186,37 @@ class StopOnSigterm:
     of the step and raises Preempted. Inside `with`, the caller's handler is back afterwards."""
 
     def __init__(self, accelerator):
-        self.accelerator, self.flag, self.previous = accelerator, {"set": False}, None
+        self.accelerator, self.signalled, self.previous = accelerator, False, None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.update(set=True))
+        self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signalled", True))
         return self
 
     def __exit__(self, *exc):
         self.restore()
 
     def restore(self) -> None:
-        """The caller's handler back (idempotent); the flag stays readable."""
+        """The caller's handler back (idempotent); `signalled` stays readable."""
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
             self.previous = None
 
     def now(self) -> bool:
         """The signal came and there is one process (nothing to agree with)."""
-        return self.accelerator.num_processes == 1 and self.flag["set"]
+        return self.accelerator.num_processes == 1 and self.signalled
 
     def requested(self, agree: bool) -> bool:
-        return stop_requested(self.accelerator, self.flag, agree)
+        """Whether to stop for a SIGTERM after this step. With one process, as soon as it came (a host flag).
+        With several, every process must stop at the same step, or the others would wait forever in the next
+        collective: they agree by an all-reduce, which reads a device value, so only at the steps where
+        `agree` is true (the log interval, checkpoints, the last step), never in between. A stop therefore
+        comes at most train.log_every_steps steps after the signal (see docs/stages.md)."""
+        if self.accelerator.num_processes == 1:
+            return self.signalled
+        if not agree:
+            return False
+        t = torch.tensor([1 if self.signalled else 0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, "sum").item() > 0)
 
 
 def preempted(step: int, total_steps: int, ckpt_path: Path) -> Preempted:

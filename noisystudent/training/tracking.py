@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # the event files' folder in the step directory
+
+
 def _tracker(kind: str, step_dir: Path, first_step: int):
     from accelerate import tracking
 
