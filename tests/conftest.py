@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -79,11 +80,78 @@ def run(*overrides: str):
     return run_stage(make_cfg(*overrides))
 
 
+class WarmInterpreter:
+    """tests/warm_cli.py, started once per test session: `python -m noisystudent ARGS` in a forked child of an
+    interpreter that already imported torch, timm and the stages (its docstring says why and what is shared)."""
+
+    def __init__(self):
+        self.proc, self.pending = None, b""
+
+    def _line(self, timeout: float | None) -> str | None:
+        """The next line warm_cli.py answers, or None when none came within `timeout` seconds."""
+        import select
+
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.pending:
+            if not select.select([fd], [], [], timeout)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            assert chunk, f"tests/warm_cli.py ended ({self.proc.wait()})"
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, args, cwd, env, timeout) -> subprocess.CompletedProcess:
+        import json
+        import tempfile
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc, self.pending = subprocess.Popen([sys.executable, str(Path(__file__).parent / "warm_cli.py")],
+                                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                                       env=env), b""
+            assert self._line(120) == "ready", "tests/warm_cli.py did not start"
+        cmd = ["python", "-m", "noisystudent", *args]
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"argv": list(args), "cwd": str(cwd or os.getcwd()), "env": env, "stdout": str(out),
+                       "stderr": str(err)}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = int(self._line(60).split()[1])  # "pid N"
+            ended = self._line(timeout)  # "exit CODE"
+            if ended is None:
+                os.killpg(pid, signal.SIGKILL)
+                self._line(60)
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(cmd, int(ended.split()[1]), out.read_text(), err.read_text())
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+WARM = WarmInterpreter()
+# Where a GPU is visible, the commands start fresh interpreters: an import in the warm one that asked the CUDA
+# driver anything would leave its forked children unable to use the GPU.
+WARM_CUDA_UNSAFE = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_warm_interpreter():
+    yield
+    WARM.close()
+
+
 def cli(*args: str, cwd=None, check=False, timeout=600, launcher=None) -> subprocess.CompletedProcess:
-    """Run the real command line (python -m noisystudent ...), or under a launcher (accelerate launch ...)."""
-    cmd = (launcher or [sys.executable]) + ["-m", "noisystudent", *args]
+    """Run the command line (python -m noisystudent ...) in a warm interpreter (WarmInterpreter), or as fresh
+    processes under a launcher (accelerate launch ...)."""
     env = launch_env() if launcher else {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if launcher or WARM_CUDA_UNSAFE:
+        cmd = (launcher or [sys.executable]) + ["-m", "noisystudent", *args]
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    else:
+        proc = WARM.run(args, cwd, env, timeout)
+        cmd = proc.args
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
