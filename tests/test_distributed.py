@@ -25,13 +25,12 @@ def _ok(proc):
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, digits_root):
-    """teacher -> pseudolabel -> student, every stage with 2 processes."""
+    """teacher -> pseudolabel -> student, every stage with 2 processes: one launch of stage=iterate (each stage
+    launched alone on 2 processes: the resume, torchrun and DALI tests here and in test_dali.py)."""
     d = tmp_path_factory.mktemp("ddp") / "run"
     # a 14-step teacher is unsure: a low threshold keeps a selection to train the student on
-    common = [f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=14", "pseudolabel.threshold=0.12"]
-    launch = accelerate_launch()
-    for stage in ("teacher", "pseudolabel", "student"):
-        _ok(cli(f"stage={stage}", *common, launcher=launch))
+    _ok(cli("stage=iterate", "iterate.rounds=1", f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=14",
+            "pseudolabel.threshold=0.12", launcher=accelerate_launch()))
     return d
 
 

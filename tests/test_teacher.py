@@ -133,12 +133,12 @@ def test_gpu_levers_run_on_cpu_and_leave_plain_weights(tmp_path, digits_root, te
     assert (default["precision"], default["channels_last"], default["compile"]) == (auto, torch.cuda.is_available(),
                                                                                     False)
     assert default["settings"]["precision"] == auto
-    # pseudolabel.compile on the same model: the labels of the eager model, within float rounding
+    # pseudolabel.compile on the same model: the labels of the eager model, within float rounding (in this
+    # process: labeling runs at the default precision, so it needs no process of its own)
     labels = {}
     for compiled in ("true", "false"):
-        cli("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, "force=true",
-            f"pseudolabel.compile={compiled}", "data.unlabeled=" + str(digits_root / "unlabeled-000000.tar"),
-            check=True)
+        run("stage=pseudolabel", f"run_dir={d}", f"data.root={digits_root}", *FAST, "force=true",
+            f"pseudolabel.compile={compiled}", "data.unlabeled=" + str(digits_root / "unlabeled-000000.tar"))
         summary = read_json(d / "round_1" / "pseudolabel" / "summary.json")
         assert summary["inference"]["compile"] is (compiled == "true")
         labels[compiled] = LabelFile(d / "round_1/pseudolabel/labels/unlabeled-000000.labels.safetensors")
