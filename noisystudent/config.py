@@ -183,13 +183,36 @@ class TrainSettings:
     resume: str
     seed: int
     channels_last: bool
-    compile: bool
+    compile: str | None  # torch.compile's backend, or None: not compiled (compile_backend)
     num_workers: int
     optim: dict
     sched: dict
     tracking: str = "none"  # where metrics go besides metrics.jsonl (tracking.resolve_tracking)
     eval_every_epochs: int | None = None  # evaluate the EMA model at every this many epoch ends
     eval_keep: str = "last"  # last | best (the periodic evaluation's best EMA weights)
+
+
+def compile_backend(value, key: str) -> str | None:
+    """false: eager; true: torch.compile with its default backend (inductor); or a backend's name, as
+    torch._dynamo.list_backends(exclude_tags=()) lists them (e.g. aot_eager: traced like inductor, no code
+    generation; cudagraphs). timm's train.py takes the same choice (--torchcompile BACKEND)."""
+    if value is None or value is False:
+        return None
+    if value is True or value == "inductor":
+        return "inductor"
+    if isinstance(value, str):
+        from torch._dynamo import list_backends
+
+        if value in list_backends(exclude_tags=()):
+            return value
+    raise ConfigError(f"{key}={value!r}: use false, true (the inductor backend) or a torch.compile backend "
+                      f"({', '.join(_common_backends())}; torch._dynamo.list_backends(exclude_tags=()) lists all)")
+
+
+def _common_backends() -> list[str]:
+    from torch._dynamo import list_backends
+
+    return ["inductor", "aot_eager", "eager", *[b for b in list_backends() if b != "inductor"]]
 
 
 # The train.* keys a section such as `student` can set for itself: train_settings picks each from this
@@ -244,7 +267,7 @@ def train_settings(cfg: DictConfig, overrides: str | None = None) -> TrainSettin
         resume=resume,
         seed=int(cfg.seed),
         channels_last=cfg.channels_last,
-        compile=bool(cfg.train.get("compile", False)),
+        compile=compile_backend(cfg.train.get("compile", False), "train.compile"),
         num_workers=workers,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         sched=OmegaConf.to_container(cfg.sched, resolve=True),

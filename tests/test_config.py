@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import cli, make_cfg
+from conftest import cli, make_cfg, run
 
 from noisystudent.config import changed_settings, learning_rate, settings_hash, train_settings
 from noisystudent.errors import ConfigError
@@ -135,3 +135,13 @@ def test_device_settings_resolve_auto_for_the_device_and_explicit_values_win():
 def test_device_setting_errors_name_the_key(override, key, tmp_path):
     proc = cli("stage=pseudolabel", f"run_dir={tmp_path}", override)
     assert proc.returncode == 2 and key in proc.stderr, proc.stderr[-2000:]
+
+
+def test_train_compile_takes_a_backend(tmp_path, digits_root):
+    from noisystudent.config import compile_backend
+
+    assert [compile_backend(v, "train.compile") for v in (False, None, True, "inductor", "aot_eager")] == [
+        None, None, "inductor", "inductor", "aot_eager"]
+    # a typo is not taken for true (bool("inductr") would be), and the error lists backends to pick from
+    with pytest.raises(ConfigError, match=r"train.compile='inductr': use false, true .*inductor, aot_eager"):
+        run("stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", "train.compile=inductr")

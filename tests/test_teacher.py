@@ -114,12 +114,15 @@ def test_gpu_levers_run_on_cpu_and_leave_plain_weights(tmp_path, digits_root, te
     are a plain timm model's (no compile wrapper names). auto resolves to no / false on a CPU.
     pseudolabel.compile labels as the eager model does."""
     d = tmp_path / "run"
-    # the command line: a process of its own (accelerate's precision is fixed once per process)
-    cli("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=3", "train.compile=true",
+    # the command line: a process of its own (accelerate's precision is fixed once per process). The step is
+    # compiled with the aot_eager backend: dynamo and AOTAutograd trace it (forward and backward) as for
+    # inductor, without inductor's C++ code generation, which is torch's own part and cost 40 s here on a
+    # cold cache; inductor itself is run below, by pseudolabel.compile.
+    cli("stage=teacher", f"run_dir={d}", f"data.root={digits_root}", *FAST, "max_steps=3", "train.compile=aot_eager",
         "precision=bf16", "channels_last=true", check=True)
     s = read_json(d / "teacher" / "summary.json")
-    assert (s["precision"], s["channels_last"], s["compile"], s["steps"]) == ("bf16", True, True, 3)
-    assert s["settings"]["precision"] == "bf16" and s["settings"]["train.compile"] is True
+    assert (s["precision"], s["channels_last"], s["compile"], s["steps"]) == ("bf16", True, "aot_eager", 3)
+    assert s["settings"]["precision"] == "bf16" and s["settings"]["train.compile"] == "aot_eager"
     import timm
 
     plain = set(timm.create_model("test_efficientnet", num_classes=10).state_dict())
@@ -131,7 +134,7 @@ def test_gpu_levers_run_on_cpu_and_leave_plain_weights(tmp_path, digits_root, te
     default = read_json(teacher_run / "teacher" / "summary.json")  # precision=auto, channels_last=auto
     auto = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
     assert (default["precision"], default["channels_last"], default["compile"]) == (auto, torch.cuda.is_available(),
-                                                                                    False)
+                                                                                    None)
     assert default["settings"]["precision"] == auto
     # pseudolabel.compile on the same model: the labels of the eager model, within float rounding (in this
     # process: labeling runs at the default precision, so it needs no process of its own)

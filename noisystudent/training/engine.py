@@ -305,7 +305,7 @@ def _build(accelerator, job: TrainJob, state: TrainState) -> _Parts:
     if s.compile:
         # compiled around DDP (its graph breaks at the gradient buckets); checkpoints, the EMA and the
         # exported weights all read `bare`, so none of them holds compile's `_orig_mod.` names
-        model = torch.compile(model)
+        model = torch.compile(model, backend=s.compile)
     scheduler.step_update(num_updates=state.step)
     return _Parts(bare, model, optimizer, scheduler, ema, lr, total_steps)
 
@@ -442,7 +442,7 @@ def _summary(accelerator, job: TrainJob, p: _Parts, state: TrainState, meter: In
         "global_batch": job.global_batch,
         "lr": p.lr,
         "processes": accelerator.num_processes,
-        # what precision=auto / channels_last=auto became on this device, and train.compile
+        # what precision=auto / channels_last=auto became on this device, and train.compile's backend (None: eager)
         "precision": str(accelerator.mixed_precision), "channels_last": s.channels_last, "compile": s.compile,
         "replicas_in_sync": in_sync,
         "peak_device_memory_mib": peak_device_memory_mib(device),
