@@ -294,7 +294,57 @@ HOW_KEYS = ("train.ckpt_every_steps", "train.log_every_steps")
 # The keys of the embedded digits' split (null for data=shards): they decide which images are which.
 DATA_SPLIT_KEYS = ("data.labels_per_class", "data.eval_fraction", "data.split_seed")
 # The periodic evaluation's keys: eval.keep=best changes which weights a training step ends with.
-EVAL_KEYS = ("eval.every_epochs", "eval.keep")
+EVAL_KEYS = ("eval.every_epochs", "eval.keep", "eval.sets")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One of eval.sets: a named labeled shard set every finished model is evaluated on besides data.eval."""
+    name: str
+    pattern: str
+    classes: tuple[int, ...] | None  # the labels the set covers (predictions restricted to them), or all
+
+
+def eval_sets(cfg: DictConfig, num_classes: int) -> list[EvalSet]:
+    """eval.sets: NAME -> shard pattern, or NAME -> {shards: pattern, classes: [label, ...] or a JSON file of
+    them}. A class list restricts the model's predictions to those labels, as ImageNet-A/R are scored (200
+    of ImageNet's 1,000); every label of the set must be in it."""
+    sets = OmegaConf.select(cfg, "eval.sets", default=None)
+    if sets is None:
+        return []
+    if not OmegaConf.is_dict(sets):
+        raise ConfigError(f"eval.sets={sets!r}: a mapping NAME -> shard pattern, e.g. "
+                          "eval.sets='{shifted: /data/v2-{000000..000009}.tar}'")
+    out = []
+    for name, spec in OmegaConf.to_container(sets, resolve=True).items():
+        key = f"eval.sets.{name}"
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
+            raise ConfigError(f"{key}: a set's name is letters, digits, _ - . (it names report sections)")
+        if isinstance(spec, str):
+            spec = {"shards": spec}
+        if not isinstance(spec, dict) or set(spec) - {"shards", "classes"}:
+            raise ConfigError(f"{key}={spec!r}: a shard pattern, or {{shards: PATTERN, classes: [...]}}")
+        pattern = spec.get("shards")
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"{key}.shards={pattern!r}: the set's shard pattern, e.g. /data/a-{{000000..000003}}.tar")
+        out.append(EvalSet(name, pattern, _class_list(spec.get("classes"), f"{key}.classes", num_classes)))
+    return out
+
+
+def _class_list(value, key: str, num_classes: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # a JSON file holding the list
+        try:
+            with open(value) as f:
+                value = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}={value!r}: cannot read a JSON list of labels from it ({e})") from e
+    ok = isinstance(value, list) and value and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+    if not ok or len(set(value)) != len(value) or not all(0 <= c < num_classes for c in value):
+        raise ConfigError(f"{key}: a list of distinct labels in [0, {num_classes}) (data.num_classes), or a JSON "
+                          f"file of one; got {value!r:.200}")
+    return tuple(value)
 # The keys that define the data a training step reads.
 DATA_KEYS = ("data.num_classes", "data.crop_scale", "data.crop_pct", "data.hflip", "data.loader", *DATA_SPLIT_KEYS)
 

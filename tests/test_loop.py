@@ -69,7 +69,9 @@ def _loop_args(shards, run_dir, *extra):
             # the EMA model evaluated at every epoch end: a collective inside the training loop of 2 processes
             "eval.every_epochs=1",
             # the teacher of each round calibrated on data.eval across both processes, its labels audited
-            "pseudolabel.calibrate=true", f"data.audit={shards}/A-000000.tar", *extra]
+            "pseudolabel.calibrate=true", f"data.audit={shards}/A-000000.tar",
+            # one more eval set for every model: the audit shards, with a class list (every class, reordered)
+            f"+eval.sets.audit.shards={shards}/A-000000.tar", "+eval.sets.audit.classes=[3,1,0,2]", *extra]
 
 
 def _launch(*args, **popen):
@@ -123,6 +125,7 @@ def test_two_process_iterate_on_shards(loop_run):
         assert temps == {str(pl["calibration"]["temperature"])}  # one temperature, labels and audit, both processes
         st = read_json(loop_run / f"round_{k}/student/summary.json")
         assert st["replicas_in_sync"] is True and st["eval"]["images"] == 64
+        assert st["eval_sets"]["audit"]["images"] == 32  # each image once across the 2 processes
     assert [h["epoch"] for h in read_json(loop_run / "teacher/summary.json")["periodic_eval"]] == [1, 2, 3, 4]
     assert all(h["top1"] >= 0 for h in read_json(loop_run / "teacher/summary.json")["periodic_eval"])
     ft = read_json(loop_run / "round_2/finetune/summary.json")
@@ -134,8 +137,9 @@ def test_two_process_iterate_on_shards(loop_run):
     assert [(r["round"], r["role"]) for r in _report(loop_run)] == [(0, "teacher"), (1, "student"), (2, "student"),
                                                                     (2, "finetune")]
     md = (loop_run / "report.md").read_text()
-    for part in ("## Pseudo-labels", "### Round 2", "round_2/pseudolabel/audit.png", "calibration: temperature",
-                 "## Per class: round 2 finetune against the teacher", "reliability.png"):
+    assert [r["sets"]["audit"]["classes"] for r in _report(loop_run)] == [[3, 1, 0, 2]] * 4
+    for part in ("## Eval set: audit", "## Pseudo-labels", "### Round 2", "round_2/pseudolabel/audit.png",
+                 "calibration: temperature", "## Per class: round 2 finetune against the teacher", "reliability.png"):
         assert part in md, part
 
 
@@ -189,7 +193,8 @@ def test_loader_worker_error_ends_every_process(shards, tmp_path):
     """A class outside data.num_classes, raised inside a loader worker on both ranks: every process exits
     promptly with the message, none is left waiting for its workers."""
     run_dir = tmp_path / "worker_error_run"
-    args = [a for a in _loop_args(shards, run_dir, "num_workers=2") if not a.startswith(("stage=", "iterate."))]
+    args = [a for a in _loop_args(shards, run_dir, "num_workers=2")
+            if not a.startswith(("stage=", "iterate.", "+eval.sets"))]  # (its class list names class 3: refused first)
     proc = _launch("stage=teacher", *args, "data.num_classes=3")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0

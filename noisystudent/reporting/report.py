@@ -22,14 +22,19 @@ RELIABILITY = "reliability.png"
 PER_CLASS = "per_class.png"
 
 
-def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir) -> dict:
-    """One row of the report: a finished model (its model.json info) and its eval metrics."""
+SET_METRICS = ("images", "top1", "top5", "nll", "ece", "classes")  # what a row keeps of each of eval.sets
+
+
+def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir, sets: dict | None = None) -> dict:
+    """One row of the report: a finished model (its model.json info), its eval metrics and those on each of
+    eval.sets (name -> metrics)."""
     return {"round": round_idx, "role": role, "model": info["name"], "params": info["params"],
             "eval_img_size": eval_img_size(info),
             "top1": metrics["top1"], "top5": metrics["top5"], "eval_images": metrics["images"],
             # calibration on the eval set (absent from the summaries of older versions)
             "nll": metrics.get("nll"), "ece": metrics.get("ece"), "reliability": metrics.get("reliability"),
-            "per_class_top1": metrics["per_class_top1"], "path": str(step_dir)}
+            "per_class_top1": metrics["per_class_top1"], "path": str(step_dir),
+            "sets": {name: {k: m[k] for k in SET_METRICS if k in m} for name, m in (sets or {}).items()}}
 
 
 def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str, notes: list[str] = ()) -> dict:
@@ -74,7 +79,30 @@ def markdown_table(rows: list[dict], eval_pattern: str = "", notes: list[str] = 
                      f"{100 * r['top5']:.2f} | {gain} | {nll} | {ece} |")
     lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
     lines += [f"![accuracy per round]({PLOT})", ""]
+    lines += set_tables(rows)
     return "\n".join(lines)
+
+
+def set_tables(rows: list[dict]) -> list[str]:
+    """A table per set of eval.sets, the models as rows (the lines of report.md's section)."""
+    names = sorted({name for r in rows for name in r.get("sets", {})})
+    lines = []
+    for name in names:
+        first = next(r["sets"][name] for r in rows if name in r.get("sets", {}))
+        scope = f"{len(first['classes'])} classes (eval.sets.{name}.classes)" if "classes" in first else "all classes"
+        lines += [f"## Eval set: {name}", "", f"{first['images']:,} images, scored over {scope}.", "",
+                  "| round | role | model | top-1 | top-5 | NLL | ECE |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            m = r.get("sets", {}).get(name)
+            if m is None:  # a model evaluated before the set was added: stage=evaluate measures it
+                lines.append(f"| {r['round']} | {r['role']} | {r['model']} | | | | |")
+                continue
+            nll = f"{m['nll']:.3f}" if _measured(m.get("nll")) else ""
+            ece = f"{100 * m['ece']:.1f}%" if _measured(m.get("ece")) else ""
+            lines.append(f"| {r['round']} | {r['role']} | {r['model']} | {100 * m['top1']:.2f} | {100 * m['top5']:.2f} "
+                         f"| {nll} | {ece} |")
+        lines.append("")
+    return lines
 
 
 def _plot(path: Path, rows: list[dict]) -> None:

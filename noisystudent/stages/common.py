@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..config import positive_int, worker_nice
+from ..config import eval_sets, positive_int, worker_nice
 from ..data.shards import expand_shards
 from ..data.transforms import eval_transform
 from ..models.build import count_params, eval_img_size, export_model
@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 
 def shards(cfg: DictConfig, which: str) -> list[str]:
     return expand_shards(cfg.data.get(which), f"data.{which}")
+
+
+def eval_shards(cfg: DictConfig) -> list[str]:
+    """data.eval's shards, with eval.sets checked too: a training step fails before training, not after it,
+    when an eval pattern or class list is wrong."""
+    for es in eval_sets(cfg, num_classes(cfg)):
+        expand_shards(es.pattern, f"eval.sets.{es.name}.shards")
+    return shards(cfg, "eval")
 
 
 def num_classes(cfg: DictConfig) -> int:
@@ -68,6 +76,19 @@ def dali_eval(cfg: DictConfig, img_size: int, data_cfg=None) -> dict | None:
     return {"index_dir": Path(cfg.run_dir) / DALI_INDEX, "recipe": eval_recipe(img_size, data_cfg or cfg.data)}
 
 
+def on_eval_sets(cfg: DictConfig, accelerator, model, model_info: dict, nc: int) -> dict:
+    """The model's metrics on each of eval.sets (name -> evaluate's metrics), as on data.eval."""
+    out = {}
+    size = eval_img_size(model_info)
+    for es in eval_sets(cfg, nc):
+        out[es.name] = evaluate(accelerator, model, expand_shards(es.pattern, f"eval.sets.{es.name}.shards"), nc,
+                                eval_transform(size, cfg.data), int(cfg.eval.batch_size), int(cfg.num_workers),
+                                bool(cfg.channels_last), worker_nice(cfg, accelerator.device),
+                                dali=dali_eval(cfg, size), classes=es.classes, where=f"eval.sets.{es.name}")
+        log.info("eval.sets.%s: top-1 %.4f on %d images", es.name, out[es.name]["top1"], out[es.name]["images"])
+    return out
+
+
 def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
                      after_training: Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Train, evaluate the EMA weights on data.eval, export them (main process); the step's summary.
@@ -86,12 +107,14 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     if after_training is not None:
         summary = {**summary, **after_training(ema_model)}
     metrics = on_eval_set(ema_model)
+    sets = on_eval_sets(cfg, accelerator, ema_model, model_info, nc)
     info = {**model_info, "num_classes": nc, "params": count_params(ema_model)}
     summary = {
         "model": info,
         "top1": metrics["top1"],
         "top5": metrics["top5"],
         "eval": metrics,
+        "eval_sets": sets,
         **summary,
         "eval_wall_s": time.time() - t0,
         "wall_s": summary["train_wall_s"] + time.time() - t0,

@@ -13,7 +13,7 @@ from ..models.build import check_num_classes, eval_img_size, load_exported_model
 from ..reporting.evaluation import evaluate
 from ..reporting.report import report_row, write_report
 from ..rundir import command_for_round, finished_models, teacher_dir
-from .common import dali_eval, num_classes, shards
+from .common import dali_eval, eval_shards, num_classes, on_eval_sets
 from .contract import Step, StepRun
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def settings(cfg: DictConfig) -> int:
 
 
 def inputs(cfg: DictConfig, nc: int) -> dict:
-    eval_urls = shards(cfg, "eval")
+    eval_urls = eval_shards(cfg)
     models = finished_models(cfg.run_dir)
     if not models:
         # the same error load_exported_model gives, naming the path and the command
@@ -41,7 +41,8 @@ def work(run: StepRun) -> dict:
         metrics = evaluate(accelerator, model, run.inputs["eval"], nc, eval_transform(eval_img_size(info), cfg.data),
                            int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
                            worker_nice(cfg, accelerator.device), dali=dali_eval(cfg, eval_img_size(info)))
-        rows.append(report_row(round_idx, role, info, metrics, step_dir))
+        sets = on_eval_sets(cfg, accelerator, model, info, nc)
+        rows.append(report_row(round_idx, role, info, metrics, step_dir, sets))
         log.info("%s (round %d, %s): top-1 %.4f top-5 %.4f", role, round_idx, info["name"], metrics["top1"],
                  metrics["top5"])
     report = {"rounds": rows}
@@ -50,5 +51,6 @@ def work(run: StepRun) -> dict:
     return report
 
 
-STEP = Step("evaluate", settings, lambda cfg: read_settings(cfg, ("data.eval", "data.num_classes", "data.loader")),
+STEP = Step("evaluate", settings, lambda cfg: read_settings(cfg, ("data.eval", "data.num_classes", "data.loader",
+                                                                           "eval.sets")),
             inputs, work)

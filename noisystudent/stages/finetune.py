@@ -44,7 +44,7 @@ from ..rundir import command_for_round, finetune_dir, is_done, read_summary, stu
 from ..training.batchnorm import reestimate_batchnorm
 from ..training.engine import TrainJob, stream_seed
 from ..training.losses import noisy_student_loss
-from .common import dali_training_stream, num_classes, shards, train_and_export, uses_dali
+from .common import dali_training_stream, eval_shards, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
 
 
@@ -128,7 +128,7 @@ def inputs(cfg: DictConfig, s: FinetuneSettings) -> dict:
     if why:
         raise ConfigError(f"stage=finetune round={s.round}: {why}")
     labeled = shards(cfg, "labeled")
-    shards(cfg, "eval")
+    eval_shards(cfg)
     return {"source": source, "info": info, "labeled": labeled,
             "n_labeled": count_samples(labeled, "data.labeled", s.labeled_samples, "data.labeled_samples")}
 

@@ -27,7 +27,7 @@ def report_from_summaries(cfg: DictConfig) -> list[dict]:
     rows = []
     for round_idx, role, step_dir in finished_models(cfg.run_dir):
         s = read_summary(step_dir)
-        rows.append(report_row(round_idx, role, s["model"], s["eval"], step_dir))
+        rows.append(report_row(round_idx, role, s["model"], s["eval"], step_dir, s.get("eval_sets")))
     return rows
 
 

@@ -47,7 +47,16 @@ from ..rundir import command_for_round, is_done, model_dir_for_round, pseudolabe
 from ..training.engine import TrainJob
 from ..training.losses import noisy_student_loss
 from ..training.online_targets import OnlineTargets
-from .common import DALI_INDEX, dali_records, dali_training_stream, num_classes, shards, train_and_export, uses_dali
+from .common import (
+    DALI_INDEX,
+    dali_records,
+    dali_training_stream,
+    eval_shards,
+    num_classes,
+    shards,
+    train_and_export,
+    uses_dali,
+)
 from .contract import Step, StepRun
 
 
@@ -131,7 +140,7 @@ def inputs(cfg: DictConfig, s: StudentSettings) -> dict:
                         "and rerun stage=pseudolabel with force=true")
     urls = shards(cfg, "unlabeled")
     paths = label_paths(urls, pl / "labels")
-    shards(cfg, "eval")
+    eval_shards(cfg)
     return {"teacher_dir": prev_dir, "teacher": read_json(prev_dir / MODEL_INFO), "selection": sel_json,
             "label_temperature": float(read_summary(pl).get("temperature", 1.0)),
             "labeled": shards(cfg, "labeled"), "paths": paths,

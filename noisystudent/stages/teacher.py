@@ -24,7 +24,7 @@ from ..models.build import check_model_name, create_model
 from ..rundir import teacher_dir
 from ..training.engine import TrainJob
 from ..training.losses import noisy_student_loss
-from .common import dali_training_stream, num_classes, shards, train_and_export, uses_dali
+from .common import dali_training_stream, eval_shards, num_classes, shards, train_and_export, uses_dali
 from .contract import Step, StepRun
 
 
@@ -47,7 +47,7 @@ def reads(cfg: DictConfig) -> dict:
 
 def inputs(cfg: DictConfig, s: TeacherSettings) -> dict:
     labeled = shards(cfg, "labeled")
-    shards(cfg, "eval")  # fail now, not after training, when the eval pattern is wrong
+    eval_shards(cfg)  # fail now, not after training, when the eval pattern is wrong
     return {"labeled": labeled,
             "n_labeled": count_samples(labeled, "data.labeled", s.labeled_samples, "data.labeled_samples")}
 
