@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..config import eval_sets, positive_int, worker_nice
+from ..config import EvalSet, eval_sets, positive_int, worker_nice
 from ..data.shards import expand_shards
 from ..data.transforms import eval_transform
 from ..models.build import count_params, eval_img_size, export_model
@@ -26,11 +26,15 @@ def shards(cfg: DictConfig, which: str) -> list[str]:
     return expand_shards(cfg.data.get(which), f"data.{which}")
 
 
+def eval_set_shards(cfg: DictConfig) -> list[tuple[EvalSet, list[str]]]:
+    """Each of eval.sets with its shards (a ConfigError / DataError naming the set's key when wrong)."""
+    return [(es, expand_shards(es.pattern, f"eval.sets.{es.name}.shards")) for es in eval_sets(cfg, num_classes(cfg))]
+
+
 def eval_shards(cfg: DictConfig) -> list[str]:
     """data.eval's shards, with eval.sets checked too: a training step fails before training, not after it,
     when an eval pattern or class list is wrong."""
-    for es in eval_sets(cfg, num_classes(cfg)):
-        expand_shards(es.pattern, f"eval.sets.{es.name}.shards")
+    eval_set_shards(cfg)
     return shards(cfg, "eval")
 
 
@@ -76,15 +80,22 @@ def dali_eval(cfg: DictConfig, img_size: int, data_cfg=None) -> dict | None:
     return {"index_dir": Path(cfg.run_dir) / DALI_INDEX, "recipe": eval_recipe(img_size, data_cfg or cfg.data)}
 
 
-def on_eval_sets(cfg: DictConfig, accelerator, model, model_info: dict, nc: int) -> dict:
-    """The model's metrics on each of eval.sets (name -> evaluate's metrics), as on data.eval."""
-    out = {}
+def evaluate_model(cfg: DictConfig, accelerator, model, model_info: dict, nc: int, urls: list[str],
+                   classes: tuple[int, ...] | None = None, where: str = "data.eval") -> dict:
+    """evaluate() on `urls` as every stage calls it: the model's eval resolution, the eval.* / loader settings."""
     size = eval_img_size(model_info)
-    for es in eval_sets(cfg, nc):
-        out[es.name] = evaluate(accelerator, model, expand_shards(es.pattern, f"eval.sets.{es.name}.shards"), nc,
-                                eval_transform(size, cfg.data), int(cfg.eval.batch_size), int(cfg.num_workers),
-                                bool(cfg.channels_last), worker_nice(cfg, accelerator.device),
-                                dali=dali_eval(cfg, size), classes=es.classes, where=f"eval.sets.{es.name}")
+    return evaluate(accelerator, model, urls, nc, eval_transform(size, cfg.data), int(cfg.eval.batch_size),
+                    int(cfg.num_workers), bool(cfg.channels_last), worker_nice(cfg, accelerator.device),
+                    dali=dali_eval(cfg, size), classes=classes, where=where)
+
+
+def on_eval_sets(cfg: DictConfig, accelerator, model, model_info: dict, nc: int,
+                 sets: list[tuple[EvalSet, list[str]]]) -> dict:
+    """The model's metrics on each of eval.sets (name -> evaluate's metrics; `sets`: eval_set_shards)."""
+    out = {}
+    for es, urls in sets:
+        out[es.name] = evaluate_model(cfg, accelerator, model, model_info, nc, urls, es.classes,
+                                      f"eval.sets.{es.name}")
         log.info("eval.sets.%s: top-1 %.4f on %d images", es.name, out[es.name]["top1"], out[es.name]["images"])
     return out
 
@@ -97,9 +108,7 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     nc = num_classes(cfg)
 
     def on_eval_set(model):
-        return evaluate(accelerator, model, shards(cfg, "eval"), nc, eval_transform(eval_img_size(model_info),
-                        cfg.data), int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
-                        worker_nice(cfg, accelerator.device), dali=dali_eval(cfg, eval_img_size(model_info)))
+        return evaluate_model(cfg, accelerator, model, model_info, nc, shards(cfg, "eval"))
 
     job.evaluate = on_eval_set  # eval.every_epochs: the same evaluation during training
     ema_model, summary = fit(accelerator, job)
@@ -107,7 +116,7 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     if after_training is not None:
         summary = {**summary, **after_training(ema_model)}
     metrics = on_eval_set(ema_model)
-    sets = on_eval_sets(cfg, accelerator, ema_model, model_info, nc)
+    sets = on_eval_sets(cfg, accelerator, ema_model, model_info, nc, eval_set_shards(cfg))
     info = {**model_info, "num_classes": nc, "params": count_params(ema_model)}
     summary = {
         "model": info,

@@ -7,13 +7,11 @@ import logging
 
 from omegaconf import DictConfig
 
-from ..config import read_settings, worker_nice
-from ..data.transforms import eval_transform
-from ..models.build import check_num_classes, eval_img_size, load_exported_model
-from ..reporting.evaluation import evaluate
+from ..config import read_settings
+from ..models.build import check_num_classes, load_exported_model
 from ..reporting.report import report_row, write_report
 from ..rundir import command_for_round, finished_models, teacher_dir
-from .common import dali_eval, eval_shards, num_classes, on_eval_sets
+from .common import eval_set_shards, evaluate_model, num_classes, on_eval_sets, shards
 from .contract import Step, StepRun
 
 log = logging.getLogger(__name__)
@@ -24,12 +22,12 @@ def settings(cfg: DictConfig) -> int:
 
 
 def inputs(cfg: DictConfig, nc: int) -> dict:
-    eval_urls = eval_shards(cfg)
+    eval_urls, sets = shards(cfg, "eval"), eval_set_shards(cfg)
     models = finished_models(cfg.run_dir)
     if not models:
         # the same error load_exported_model gives, naming the path and the command
         load_exported_model(teacher_dir(cfg.run_dir), command_for_round(cfg.run_dir, 0))
-    return {"eval": eval_urls, "models": models}
+    return {"eval": eval_urls, "sets": sets, "models": models}
 
 
 def work(run: StepRun) -> dict:
@@ -38,10 +36,8 @@ def work(run: StepRun) -> dict:
     for round_idx, role, step_dir in run.inputs["models"]:
         model, info = load_exported_model(step_dir, "")
         check_num_classes(info["num_classes"], nc, f"the model in {step_dir}", "evaluate on data of its classes")
-        metrics = evaluate(accelerator, model, run.inputs["eval"], nc, eval_transform(eval_img_size(info), cfg.data),
-                           int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
-                           worker_nice(cfg, accelerator.device), dali=dali_eval(cfg, eval_img_size(info)))
-        sets = on_eval_sets(cfg, accelerator, model, info, nc)
+        metrics = evaluate_model(cfg, accelerator, model, info, nc, run.inputs["eval"])
+        sets = on_eval_sets(cfg, accelerator, model, info, nc, run.inputs["sets"])
         rows.append(report_row(round_idx, role, info, metrics, step_dir, sets))
         log.info("%s (round %d, %s): top-1 %.4f top-5 %.4f", role, round_idx, info["name"], metrics["top1"],
                  metrics["top5"])
