@@ -293,8 +293,18 @@ def eval_settings(cfg: DictConfig) -> dict:
 HOW_KEYS = ("train.ckpt_every_steps", "train.log_every_steps")
 # The keys of the embedded digits' split (null for data=shards): they decide which images are which.
 DATA_SPLIT_KEYS = ("data.labels_per_class", "data.eval_fraction", "data.split_seed")
-# The periodic evaluation's keys: eval.keep=best changes which weights a training step ends with.
+# The evaluation keys: eval.keep=best changes which weights a training step ends with, the others what its
+# summary measures.
 EVAL_KEYS = ("eval.every_epochs", "eval.keep", "eval.sets")
+ROBUSTNESS_KEYS = ("eval.corruptions", "eval.severities", "eval.perturbations", "eval.corruption_images",
+                   "eval.corruption_seed")
+
+
+def eval_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The eval keys a training step's result depends on: the robustness keys only when corruptions or
+    perturbations are on (so steps that ran before they existed, or without them, keep their settings)."""
+    on = any(OmegaConf.select(cfg, k, default=None) for k in ("eval.corruptions", "eval.perturbations"))
+    return EVAL_KEYS + (ROBUSTNESS_KEYS if on else ())
 
 
 @dataclass(frozen=True)

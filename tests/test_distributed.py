@@ -71,6 +71,33 @@ def test_torchrun_and_fewer_eval_shards_than_processes(two_process_run, digits_r
     assert "Traceback" not in proc.stderr
 
 
+def test_two_process_robustness_counts_each_image_once_and_matches_one_process(two_process_run, digits_root,
+                                                                              tmp_path):
+    """Corrupted and perturbed views on 2 processes x 2 workers: the first 300 images (270 of shard 0, 30 of
+    shard 1, read by different processes), each once, every view the same pixels as on 1 process."""
+    from test_robustness import SMALL
+
+    d = tmp_path / "run"
+    shutil.copytree(two_process_run, d)
+    args = ("stage=evaluate", f"run_dir={d}", f"data.root={digits_root}", *FAST, *SMALL, "num_workers=2",
+            "eval.corruption_images=300")
+    _ok(cli(*args, launcher=accelerate_launch(), timeout=300))
+    two = read_json(d / "report.json")["rounds"]
+    one = run(*args)["rounds"]
+    assert [r["role"] for r in two] == ["teacher", "student"]
+    for a, b in zip(two, one, strict=True):
+        ra, rb = a["robustness"], b["robustness"]
+        assert ra["images"] == 300 and ra["perturbations"]["brightness"]["pairs"] == 300 * 9
+        for key in ("clean", "corruptions", "perturbations", "plan"):
+            assert ra[key] == rb[key], key
+    teacher, student = (r["robustness"] for r in two)
+    assert two[0]["robustness_summary"]["mce"] == pytest.approx(100)
+    # the student's mCE, as defined: per corruption, summed errors over the teacher's, then the mean
+    ce = [sum(1 - m["top1"] for m in student["corruptions"][c].values())
+          / sum(1 - m["top1"] for m in teacher["corruptions"][c].values()) for c in teacher["corruptions"]]
+    assert two[1]["robustness_summary"]["mce"] == pytest.approx(100 * sum(ce) / len(ce))
+
+
 def test_fewer_unlabeled_shards_than_processes(two_process_run, digits_root, tmp_path):
     """1 shard for 2 processes (x 2 workers): the idle process waits, nothing hangs, one label file."""
     d = tmp_path / "run"

@@ -55,20 +55,20 @@ def training_stream(urls: list[str], decoder: SampleDecoder, batch_size: int, sh
     )
 
 
-def ordered_stream(urls: list[str], decoder: SampleDecoder, batch_size: int,
-                   split_by_node: bool = True) -> wds.DataPipeline:
+def ordered_stream(urls: list[str], decoder: SampleDecoder, batch_size: int, split_by_node: bool = True,
+                   select: Callable | None = None, batches: Callable | None = None) -> wds.DataPipeline:
     """One pass, in shard order, each shard read by exactly one worker of exactly one process.
 
-    Used for evaluation (each eval image is counted exactly once across processes)."""
+    Used for evaluation (each eval image is counted exactly once across processes). `select`: a stage that
+    drops samples before they are decoded; `batches`: a stage that batches the decoded samples instead of
+    `batch_size` at a time (the robustness evaluation's views, data/corruptions.py)."""
     stages = [wds.SimpleShardList(urls)]
     if split_by_node:
         stages.append(wds.split_by_node)
-    stages += [
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
-        wds.map(decoder),
-        wds.batched(batch_size, collation_fn=collate_counting, partial=True),
-    ]
+    stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=wds.reraise_exception)]
+    stages += [select] if select is not None else []
+    stages += [wds.map(decoder),
+               batches or wds.batched(batch_size, collation_fn=collate_counting, partial=True)]
     return wds.DataPipeline(*stages)
 
 

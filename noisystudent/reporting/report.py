@@ -13,6 +13,7 @@ from ..models.build import eval_img_size
 from ..rundir import is_done, pseudolabel_dir, read_summary
 from ..training.tracking import read_metrics
 from .plots import pct, pyplot, save_png
+from .robustness import section as robustness_section
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -25,27 +26,36 @@ PER_CLASS = "per_class.png"
 SET_METRICS = ("images", "top1", "top5", "nll", "ece", "classes")  # what a row keeps of each of eval.sets
 
 
-def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir, sets: dict | None = None) -> dict:
-    """One row of the report: a finished model (its model.json info), its eval metrics and those on each of
-    eval.sets (name -> metrics)."""
+def report_row(round_idx: int, role: str, info: dict, metrics: dict, step_dir, sets: dict | None = None,
+               robustness: dict | None = None) -> dict:
+    """One row of the report: a finished model (its model.json info), its eval metrics, those on each of
+    eval.sets (name -> metrics) and its robustness result (evaluation.evaluate_views), if measured."""
     return {"round": round_idx, "role": role, "model": info["name"], "params": info["params"],
             "eval_img_size": eval_img_size(info),
             "top1": metrics["top1"], "top5": metrics["top5"], "eval_images": metrics["images"],
             # calibration on the eval set (absent from the summaries of older versions)
             "nll": metrics.get("nll"), "ece": metrics.get("ece"), "reliability": metrics.get("reliability"),
             "per_class_top1": metrics["per_class_top1"], "path": str(step_dir),
-            "sets": {name: {k: m[k] for k in SET_METRICS if k in m} for name, m in (sets or {}).items()}}
+            "sets": {name: {k: m[k] for k in SET_METRICS if k in m} for name, m in (sets or {}).items()},
+            "robustness": robustness}
 
 
-def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str, notes: list[str] = ()) -> dict:
+def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str, notes: list[str] = (),
+                 reference: tuple[dict, str] | None = None) -> dict:
     """rows: dicts with round, role, model, params, top1, top5, per_class_top1 (teacher first); notes: lines
-    that say what the run left out and why."""
+    that say what the run left out and why; reference: (robustness result, name) of the model mCE is normalised
+    by (default: the teacher's row)."""
     run_dir = Path(run_dir)
+    if reference is None:
+        teacher = next((r for r in rows if r["round"] == 0), None)
+        reference = (teacher and teacher.get("robustness"), "the teacher")
+    robustness = robustness_section(run_dir, rows, *reference)
     teacher_top1 = next((r["top1"] for r in rows if r["round"] == 0), None)
     for r in rows:
         r["gain_over_teacher"] = None if teacher_top1 is None else r["top1"] - teacher_top1
     labeling = pseudolabel_summaries(run_dir, rows)
     report = {"eval": eval_pattern, "rounds": rows, "notes": list(notes),
+              **({"mce_reference": reference[1]} if any(r.get("robustness") for r in rows) else {}),
               "pseudolabels": {str(k): _labeling_record(s) for k, s in labeling.items()}}
     write_json(run_dir / REPORT_JSON, report)
     _plot(run_dir / PLOT, rows)
@@ -54,6 +64,7 @@ def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str
         text += (f"\n![reliability diagrams]({RELIABILITY})\n\nCalibration on the eval set: NLL, and ECE (expected "
                  "calibration error: the gap between confidence and accuracy, averaged over 15 confidence bins). "
                  "A calibrated model's curve follows the diagonal.\n")
+    text += robustness
     text += pseudolabel_sections(run_dir, labeling)
     if _curves(run_dir / CURVES, rows):
         text += ("\n## Training\n\nTraining loss per step (from each step's metrics.jsonl) and, with "

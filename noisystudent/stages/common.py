@@ -12,10 +12,13 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import EvalSet, eval_sets, positive_int, worker_nice
-from ..data.shards import expand_shards
-from ..data.transforms import eval_transform
+from ..data.corruptions import RobustnessPlan, first_images_quota, robustness_plan
+from ..data.shards import count_samples, expand_shards
+from ..data.transforms import eval_resize_crop, eval_transform
+from ..errors import ConfigError
 from ..models.build import count_params, eval_img_size, export_model
-from ..reporting.evaluation import evaluate
+from ..reporting.evaluation import evaluate, evaluate_views
+from ..rundir import read_summary
 from ..training.engine import TrainJob, fit
 from .contract import StepRun
 
@@ -32,9 +35,10 @@ def eval_set_shards(cfg: DictConfig) -> list[tuple[EvalSet, list[str]]]:
 
 
 def eval_shards(cfg: DictConfig) -> list[str]:
-    """data.eval's shards, with eval.sets checked too: a training step fails before training, not after it,
-    when an eval pattern or class list is wrong."""
+    """data.eval's shards, with eval.sets and the robustness keys checked too: a training step fails before
+    training, not after it, when an eval pattern, class list or corruption is wrong."""
     eval_set_shards(cfg)
+    robustness_plan(cfg.eval)
     return shards(cfg, "eval")
 
 
@@ -100,6 +104,51 @@ def on_eval_sets(cfg: DictConfig, accelerator, model, model_info: dict, nc: int,
     return out
 
 
+def evaluate_robustness(cfg: DictConfig, accelerator, models: list[tuple[torch.nn.Module, dict]], nc: int,
+                        urls: list[str], plan: RobustnessPlan | None = None) -> list[dict | None]:
+    """Each (model, its model.json info) on data.eval's corrupted and perturbed views (eval.corruptions,
+    eval.perturbations); None for each when both are off. Models evaluated at the same resolution share one
+    pass: each corrupted image is made once for all of them."""
+    plan = plan or robustness_plan(cfg.eval)
+    if not plan.active:
+        return [None] * len(models)
+    quota = None
+    if plan.images is not None:  # the first N images in shard order, whatever the process and worker counts
+        quota = first_images_quota(urls, [count_samples([u], "data.eval") for u in urls], plan.images)
+    out: list[dict | None] = [None] * len(models)
+    for size in sorted({eval_img_size(info) for _, info in models}):
+        which = [i for i, (_, info) in enumerate(models) if eval_img_size(info) == size]
+        resize = eval_resize_crop(size, cfg.data).transforms[0]
+        results = evaluate_views(accelerator, [models[i][0] for i in which], urls, nc, resize, size, plan,
+                                 int(cfg.eval.batch_size), int(cfg.num_workers), bool(cfg.channels_last),
+                                 worker_nice(cfg, accelerator.device), quota)
+        for i, res in zip(which, results, strict=True):
+            out[i] = res
+            log.info("robustness of %s at %d px: clean top-1 %.4f on %d images, %d corruptions x %d severities, "
+                     "%d perturbations", models[i][1]["name"], size, res["clean"]["top1"], res["images"],
+                     len(plan.corruptions), len(plan.severities), len(plan.perturbations))
+    return out
+
+
+def mce_reference(cfg: DictConfig) -> tuple[dict, str] | None:
+    """eval.mce_reference: None (the run's teacher: the report takes its row), else (the finished step's
+    robustness result, its name). A reference measured on other corruptions is a ConfigError naming both."""
+    path = cfg.eval.get("mce_reference")
+    if not path:
+        return None
+    try:
+        res = read_summary(Path(path)).get("robustness")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"eval.mce_reference={path!r}: not a finished step's directory ({e}); give one whose "
+                          "summary.json has a robustness result, or null for this run's teacher") from None
+    plan = robustness_plan(cfg.eval).settings()
+    if res is None or res["plan"] != plan:
+        raise ConfigError(f"eval.mce_reference={path!r} was evaluated on {res and res['plan']}, this run on {plan}: "
+                          "evaluate the reference with the same eval.corruptions, severities, perturbations, "
+                          "corruption_images and corruption_seed (stage=evaluate on its run), or set it to null")
+    return res, str(path)
+
+
 def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
                      after_training: Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Train, evaluate the EMA weights on data.eval, export them (main process); the step's summary.
@@ -117,6 +166,7 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
         summary = {**summary, **after_training(ema_model)}
     metrics = on_eval_set(ema_model)
     sets = on_eval_sets(cfg, accelerator, ema_model, model_info, nc, eval_set_shards(cfg))
+    robustness = evaluate_robustness(cfg, accelerator, [(ema_model, model_info)], nc, shards(cfg, "eval"))[0]
     info = {**model_info, "num_classes": nc, "params": count_params(ema_model)}
     summary = {
         "model": info,
@@ -124,6 +174,7 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
         "top5": metrics["top5"],
         "eval": metrics,
         "eval_sets": sets,
+        **({"robustness": robustness} if robustness is not None else {}),
         **summary,
         "eval_wall_s": time.time() - t0,
         "wall_s": summary["train_wall_s"] + time.time() - t0,

@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 
 from ..config import (
     DATA_KEYS,
-    EVAL_KEYS,
     TrainSettings,
+    eval_keys,
     optional_positive_int,
     positive_float,
     read_settings,
@@ -108,7 +108,7 @@ def nothing_to_adapt(info: dict, img_size: int | None) -> str | None:
 
 def reads(cfg: DictConfig) -> dict:
     out = read_settings(cfg, ("seed", "precision", "max_steps", "round", "finetune", "train", "optim", "sched",
-                              "data.labeled", "data.eval", "data.labeled_samples", *DATA_KEYS, *EVAL_KEYS),
+                              "data.labeled", "data.eval", "data.labeled_samples", *DATA_KEYS, *eval_keys(cfg)),
                         ("train.epochs", "train.randaugment", *(("train.ema_decay",)
                                                                if cfg.finetune.get("ema_decay") is not None else ())))
     source = student_dir(cfg.run_dir, cfg.round)

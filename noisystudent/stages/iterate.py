@@ -15,6 +15,7 @@ from ..models.presets import student_model
 from ..reporting.report import REPORT_MD, report_row, write_report
 from ..rundir import finished_models, read_summary
 from . import finetune, pseudolabel, student, teacher
+from .common import mce_reference
 from .contract import run_step
 
 FINETUNE = ("final", "every", "none")
@@ -27,7 +28,8 @@ def report_from_summaries(cfg: DictConfig) -> list[dict]:
     rows = []
     for round_idx, role, step_dir in finished_models(cfg.run_dir):
         s = read_summary(step_dir)
-        rows.append(report_row(round_idx, role, s["model"], s["eval"], step_dir, s.get("eval_sets")))
+        rows.append(report_row(round_idx, role, s["model"], s["eval"], step_dir, s.get("eval_sets"),
+                               s.get("robustness")))
     return rows
 
 
@@ -63,6 +65,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
         round_cfgs.append((round_cfg, tune))
     for note in notes:
         log.info("%s", note)
+    reference = mce_reference(cfg)  # checked before the teacher starts, as the rounds' settings
     run_step(teacher.STEP, cfg, accelerator)
     rows = report_from_summaries(cfg)
     for round_cfg, tune in round_cfgs:
@@ -72,7 +75,7 @@ def run(cfg: DictConfig, accelerator) -> dict:
             run_step(finetune.STEP, round_cfg, accelerator)
         rows = report_from_summaries(cfg)
         if accelerator.is_main_process:
-            write_report(cfg.run_dir, rows, str(cfg.data.eval), notes)
+            write_report(cfg.run_dir, rows, str(cfg.data.eval), notes, reference)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # the whole story: the table, the pseudo-labels of each round, per class
         print((Path(cfg.run_dir) / REPORT_MD).read_text())

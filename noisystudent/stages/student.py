@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 
 from ..config import (
     DATA_KEYS,
-    EVAL_KEYS,
     OWN_TRAIN_KEYS,
     TrainSettings,
+    eval_keys,
     read_settings,
     round_number,
     steps_per_epoch,
@@ -115,7 +115,7 @@ def reads(cfg: DictConfig) -> dict:
             drop.append(f"train.{key}")
     preset = student_model(cfg, int(cfg.round))
     return {**read_settings(cfg, ("seed", "precision", "max_steps", "round", "student", "train", "optim", "sched",
-                                  "data.labeled", "data.unlabeled", "data.eval", *DATA_KEYS, *EVAL_KEYS), drop),
+                                  "data.labeled", "data.unlabeled", "data.eval", *DATA_KEYS, *eval_keys(cfg)), drop),
             "student.model (resolved)": {k: preset.get(k) for k in ("name", "img_size", "test_img_size",
                                                                      "drop_rate", "drop_path_rate")}}
 

@@ -8,8 +8,8 @@ from omegaconf import DictConfig
 
 from ..config import (
     DATA_KEYS,
-    EVAL_KEYS,
     TrainSettings,
+    eval_keys,
     optional_positive_int,
     read_settings,
     steps_per_epoch,
@@ -42,7 +42,7 @@ def settings(cfg: DictConfig) -> TeacherSettings:
 
 def reads(cfg: DictConfig) -> dict:
     return read_settings(cfg, ("seed", "precision", "max_steps", "model", "init", "train", "optim", "sched",
-                               "data.labeled", "data.eval", "data.labeled_samples", *DATA_KEYS, *EVAL_KEYS))
+                               "data.labeled", "data.eval", "data.labeled_samples", *DATA_KEYS, *eval_keys(cfg)))
 
 
 def inputs(cfg: DictConfig, s: TeacherSettings) -> dict:
