@@ -13,7 +13,13 @@ Each seed runs `stage=iterate` in its own run_dir (a rerun skips finished steps)
 reference trains the same model (stage=teacher) on every train image's label for --supervised-epochs.
 Printed: one markdown table (top-1 per round, gap closed, pseudo-label accuracy, wall time) and
 --out/results-<name>.json (written after every run). Seeds run by separate calls (--name apiece) make one table
-with --table."""
+with --table.
+
+--robustness: after each seed's loop, stage=evaluate scores every model of its run on ImageNet-C's 15 corruptions
+at severities 1-5 and the brightness and translate sequences (the first --corruption-images test images; the same
+pixels for every model and seed), against the seed's teacher: the table gains mCE, relative mCE, ECE and NLL under
+corruption and mFR per round, and --out/corruptions-<name>.png plots the error per corruption, teacher against the
+last round (mean over seeds)."""
 
 from __future__ import annotations
 
@@ -26,12 +32,14 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from noisystudent.data.writer import encode_png, update_manifest, write_shard
+from noisystudent.reporting.robustness import error_plot, mean_error
 
 SRC = "/usr/share/datasets/fashion-mnist"
 PER_SHARD = 5000
@@ -120,11 +128,17 @@ def main() -> None:
                    "benchmark (its result would not be this configuration's)")
     p.add_argument("--reuse-steps", nargs="+", default=["teacher", "round_1/pseudolabel"])
     p.add_argument("--name", default="", help="a label for this configuration in results.json")
+    p.add_argument("--robustness", action="store_true",
+                   help="also evaluate every model of each seed under corruption and perturbation (stage=evaluate)")
+    p.add_argument("--corruption-images", type=int, default=2000,
+                   help="with --robustness: the first N test images are corrupted (eval.corruption_images)")
     p.add_argument("overrides", nargs="*", help="key=value for every stage=iterate run (after --)")
     a = p.parse_args()
     if a.table:
-        merged = merge_results(a.table)
-        print(table({**merged, "name": a.name or merged["name"]}))
+        merged = {**merge_results(a.table), **({"name": a.name} if a.name else {})}
+        if a.out:
+            robustness_plot(a.out / f"corruptions-{merged['name']}.png", merged)
+        print(table(merged))
         return
     if a.out is None:
         p.error("--out is required to run (only --table runs without it)")
@@ -165,6 +179,8 @@ def main() -> None:
             audit.append((pl.get("unlabeled") or {}).get("kept_by_threshold", {}).get("accuracy"))
         results["seeds"][seed] = {"top1": top1, "pseudo_label_accuracy_kept": audit, "wall_s": wall,
                                   "run_dir": str(run_dir)}
+        if a.robustness:
+            results["seeds"][seed]["robustness"] = robustness(run_dir, common, seed, a, a.out / "bench.log")
         save(a.out, results)  # after every seed: a long benchmark stopped midway keeps what it measured
     for seed in a.supervised_seeds:
         model = [f"model.name={a.supervised_model}"] if a.supervised_model else []
@@ -177,7 +193,28 @@ def main() -> None:
         results["supervised"][seed] = {"top1": done["top1"], "wall_s": done["wall_s"], "model": done["model"]["name"]}
         save(a.out, results)
     save(a.out, results)
+    robustness_plot(a.out / f"corruptions-{results['name']}.png", results)
     print(table(results))
+
+
+ROBUSTNESS = ("eval.corruptions=all", "eval.severities=[1,2,3,4,5]", "eval.perturbations=[brightness,translate]")
+
+
+def robustness(run_dir: Path, common: list[str], seed: int, a, log: Path) -> dict:
+    """stage=evaluate under corruption on the run's models (one pass for all of them); per model (teacher first):
+    clean top-1 on the corrupted images, mCE, relative mCE, mFR, NLL / ECE under corruption, error per
+    corruption, and the workers' cost per view."""
+    t0 = time.time()
+    run(["stage=evaluate", f"run_dir={run_dir}", *common, f"seed={seed}", *ROBUSTNESS,
+         f"eval.corruption_images={a.corruption_images}", *a.overrides], log)
+    rows = json.loads((run_dir / "report.json").read_text())["rounds"]
+    out = {"wall_s": time.time() - t0, "images": rows[0]["robustness"]["images"], "models": []}
+    for r in rows:
+        res, s = r["robustness"], r["robustness_summary"]
+        out["models"].append({"role": r["role"], "round": r["round"], "clean_top1": res["clean"]["top1"],
+                              **{k: s[k] for k in ("mce", "relative_mce", "mfr", "top1", "nll", "ece")},
+                              "error": mean_error(res), "images_per_worker_s": res["images_per_worker_s"]})
+    return out
 
 
 def save(out: Path, results: dict) -> None:
@@ -246,7 +283,44 @@ def table(results: dict) -> str:
                      + " | ".join("-" if x is None else f"{100 * x:.1f}" for x in acc) + " | | |")
     if seeds:
         lines.append("| wall (min) | " + " | ".join(f"{v['wall_s'] / 60:.0f}" for v in seeds.values()) + " | | |")
+    if seeds and all("robustness" in v for v in seeds.values()):
+        lines += ["", robustness_table(results)]
     return "\n".join(lines)
+
+
+ROBUST_ROWS = (("clean top-1 (%)", "clean_top1", 100), ("corrupted top-1 (%)", "top1", 100), ("mCE", "mce", 1),
+               ("relative mCE", "relative_mce", 1), ("ECE under corruption (%)", "ece", 100),
+               ("NLL under corruption", "nll", 1), ("mFR", "mfr", 1))
+
+
+def robustness_table(results: dict) -> str:
+    """Per round (mean ± std over seeds): the robustness figures, against each seed's teacher."""
+    seeds = list(results["seeds"].values())
+    n = seeds[0]["robustness"]["images"]
+    lines = [f"Robustness: the first {n:,} test images, ImageNet-C's 15 corruptions x 5 severities, brightness and "
+             "translate sequences; mCE, relative mCE and mFR against each seed's teacher (100).", "",
+             "| model | " + " | ".join(label for label, _, _ in ROBUST_ROWS) + " |",
+             "|---|" + "---|" * len(ROBUST_ROWS)]
+    for k in range(results["rounds"] + 1):
+        cells = []
+        for _, key, scale in ROBUST_ROWS:
+            vals = [scale * v["robustness"]["models"][k][key] for v in seeds
+                    if v["robustness"]["models"][k][key] is not None]
+            cells.append(mean_std(vals))
+        lines.append(f"| {'teacher' if k == 0 else f'round {k} student'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def robustness_plot(path: Path, results: dict) -> None:
+    """Error per corruption, mean over seeds: the teacher against the last round."""
+    seeds = [v["robustness"]["models"] for v in results["seeds"].values() if "robustness" in v]
+    if not seeds:
+        return
+    series = []
+    for k, label in ((0, "teacher"), (len(seeds[0]) - 1, f"round {len(seeds[0]) - 1} student")):
+        names = seeds[0][k]["error"]
+        series.append((label, {c: statistics.mean(m[k]["error"][c] for m in seeds) for c in names}))
+    error_plot(path, series, f"Fashion-MNIST, {len(seeds)} seed(s): top-1 error per corruption (mean of severities)")
 
 
 if __name__ == "__main__":
