@@ -4,6 +4,7 @@ workers, the same pixels for every model and process; mCE, relative mCE and flip
 from __future__ import annotations
 
 import hashlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -181,14 +182,27 @@ def test_a_training_step_records_robustness_and_checks_it_before_training(tmp_pa
 def test_translate_without_room_and_a_reference_of_another_plan_are_errors(teacher_copy, digits_root, tmp_path):
     with pytest.raises(ConfigError, match="eval.perturbations=translate: .* set data.crop_pct below 1"):
         run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", "eval.perturbations=[translate]")
-    run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", "eval.corruptions=[contrast]",
-        "eval.corruption_images=20")  # no reference with this plan exists: the teacher's row is summarised only
+    quick = ("eval.corruptions=[contrast]", "eval.corruption_images=20")
     with pytest.raises(ConfigError, match="eval.mce_reference=.*not a finished step's directory"):
-        run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", "eval.corruptions=[contrast]",
+        run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", *quick,
             f"eval.mce_reference={tmp_path}/nothing")
     with pytest.raises(ConfigError, match="eval.mce_reference=.*was evaluated on None"):
-        run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", "eval.corruptions=[contrast]",
+        run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", *quick,
             f"eval.mce_reference={teacher_copy}/teacher")
+    # what the error advises works: stage=evaluate on the reference's run (here, moved after it) makes its
+    # report.json row the reference, without touching the finished step's summary.json
+    run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", *quick)
+    baseline = tmp_path / "baseline"
+    shutil.move(teacher_copy, baseline)
+    run("stage=evaluate", f"run_dir={baseline}", f"data.root={digits_root}", *quick,
+        f"eval.mce_reference={baseline}/teacher")
+    report = read_json(baseline / "report.json")
+    assert report["mce_reference"] == f"{baseline}/teacher"
+    assert report["rounds"][0]["robustness_summary"]["mce"] == pytest.approx(100)  # itself, against itself
+    assert "robustness" not in read_json(baseline / "teacher/summary.json")
+    with pytest.raises(ConfigError, match="eval.mce_reference=.*was evaluated on .*'images': 20.*this run on"):
+        run("stage=evaluate", f"run_dir={baseline}", f"data.root={digits_root}", "eval.corruptions=[contrast]",
+            f"eval.mce_reference={baseline}/teacher")
 
 
 def test_robustness_shares_the_loaders_decoding_with_several_models(teacher_copy, digits_root):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -132,21 +133,44 @@ def evaluate_robustness(cfg: DictConfig, accelerator, models: list[tuple[torch.n
 
 def mce_reference(cfg: DictConfig) -> tuple[dict, str] | None:
     """eval.mce_reference: None (the run's teacher: the report takes its row), else (the finished step's
-    robustness result, its name). A reference measured on other corruptions is a ConfigError naming both."""
+    robustness result, its name). The result is the step's own (its summary.json, when it was trained with the
+    robustness keys) or the one `stage=evaluate` wrote for it in its run's report.json; a reference measured on
+    other corruptions is a ConfigError naming both."""
     path = cfg.eval.get("mce_reference")
     if not path:
         return None
+    step = Path(path)
     try:
-        res = read_summary(Path(path)).get("robustness")
+        own = read_summary(step).get("robustness")
     except (OSError, ValueError) as e:
         raise ConfigError(f"eval.mce_reference={path!r}: not a finished step's directory ({e}); give one whose "
                           "summary.json has a robustness result, or null for this run's teacher") from None
     plan = robustness_plan(cfg.eval).settings()
-    if res is None or res["plan"] != plan:
-        raise ConfigError(f"eval.mce_reference={path!r} was evaluated on {res and res['plan']}, this run on {plan}: "
-                          "evaluate the reference with the same eval.corruptions, severities, perturbations, "
-                          "corruption_images and corruption_seed (stage=evaluate on its run), or set it to null")
-    return res, str(path)
+    found = [res for res in (own, *_reported_robustness(step)) if res]
+    for res in found:
+        if res["plan"] == plan:
+            return res, str(path)
+    raise ConfigError(f"eval.mce_reference={path!r} was evaluated on {[r['plan'] for r in found] or None}, this run "
+                      f"on {plan}: evaluate the reference with the same eval.corruptions, severities, perturbations, "
+                      "corruption_images and corruption_seed (stage=evaluate on its run), or set it to null")
+
+
+def _reported_robustness(step: Path):
+    """The robustness results report.json holds for `step` (a teacher/ or round_K/<step> directory), found in the
+    run directory above it. Rows are matched on the step's place in its run (teacher, round_2/student), not on
+    the absolute path the report recorded, so a run directory that was moved or copied still serves."""
+    for run_dir in (step.parent, step.parent.parent):
+        report = run_dir / "report.json"
+        if not report.is_file():
+            continue
+        try:
+            rows = json.loads(report.read_text()).get("rounds") or []
+        except ValueError:
+            continue  # a report being rewritten or damaged is no reference; the error then says what was found
+        place = step.resolve().relative_to(run_dir.resolve()).parts
+        for row in rows:
+            if row.get("robustness") and Path(row.get("path", "")).parts[-len(place):] == place:
+                yield row["robustness"]
 
 
 def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
