@@ -88,7 +88,7 @@ def test_two_process_robustness_counts_each_image_once_and_matches_one_process(t
     for a, b in zip(two, one, strict=True):
         ra, rb = a["robustness"], b["robustness"]
         assert ra["images"] == 300 and ra["perturbations"]["brightness"]["pairs"] == 300 * 9
-        for key in ("clean", "corruptions", "perturbations", "plan"):
+        for key in ("clean", "corrupted", "corruptions", "perturbations", "plan"):
             assert ra[key] == rb[key], key
     teacher, student = (r["robustness"] for r in two)
     assert two[0]["robustness_summary"]["mce"] == pytest.approx(100)

@@ -67,6 +67,23 @@ def test_a_corruption_is_the_same_bytes_in_another_process_and_seeded_by_key():
         assert not np.array_equal(a, VariantMaker(32, seed=8)(img, "img-001", v)), n  # another seed too
 
 
+def test_a_corruption_leaves_numpys_global_random_state_as_it_was():
+    np.random.seed(123)
+    before = np.random.get_state()
+    VariantMaker(32, seed=7)(_image(), "img-001", Variant("corruption", "shot_noise", 3))
+    after = np.random.get_state()
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_wide_image_gets_the_same_translate_frames_centred_on_its_crop():
+    maker, img = VariantMaker(32, seed=0, translate_frames=5), _image(size=48)[:36]  # 36 x 48: resized to 36
+    clean = maker(img, "k", Variant("clean"))
+    assert np.array_equal(clean, img[2:34, 8:40])  # the center crop's left column is 8
+    frames = [maker(img, "k", Variant("perturbation", "translate", j)) for j in range(5)]
+    assert all(np.array_equal(f, img[2:34, 6 + j:38 + j]) for j, f in enumerate(frames))  # 6..10, around 8
+    assert np.array_equal(frames[2], clean)
+
+
 def test_views_crop_like_the_eval_transform():
     maker, img = VariantMaker(32, seed=0), _image(size=36)
     clean = maker(img, "k", Variant("clean"))
@@ -108,10 +125,21 @@ def test_loader_workers_make_the_same_views_and_the_first_n_images(digits_root):
     ({"corruptions": "all", "severities": [2, 2]}, r"eval.severities=\[2, 2\]"),
     ({"perturbations": ["zoom"]}, r"eval.perturbations=\['zoom'\]: unknown perturbation 'zoom'.*brightness, translate"),
     ({"corruptions": "all", "corruption_images": 0}, r"eval.corruption_images=0: a positive number"),
+    ({"corruptions": 5}, r"eval.corruptions=5: unknown corruption 5; use all"),
+    ({"corruptions": "all", "severities": 2.5}, r"eval.severities=\[2.5\]: distinct integers"),
 ])
 def test_bad_robustness_settings_name_the_key_and_the_valid_values(override, match):
     with pytest.raises(ConfigError, match=match):
         robustness_plan(OmegaConf.create(override))
+
+
+def test_a_plan_the_eval_geometry_cannot_carry_is_an_error_naming_the_model():
+    plan = robustness_plan(OmegaConf.create({"corruptions": ["fog"], "perturbations": ["translate"]}))
+    plan.check_geometry(36, 32, "m")
+    with pytest.raises(ConfigError, match=r"eval.corruptions: m is evaluated at 28 px .* at least 32"):
+        plan.check_geometry(32, 28, "m")
+    with pytest.raises(ConfigError, match=r"eval.perturbations=translate: the eval transform of m resizes to 32"):
+        plan.check_geometry(32, 32, "m")
 
 
 def test_all_is_the_benchmarks_fifteen_and_a_single_severity_is_taken():
@@ -142,6 +170,68 @@ def test_mce_is_100_for_the_reference_and_as_defined_for_another_model():
     assert against(other, _result(0.9, {"a": [0.8, 0.6], "b": [0.7, 0.5]}, plan={"p": 2}))["mce"] is None
 
 
+def _full(plan, clean, top1):
+    """A robustness result as evaluate_views writes it, with one corruption at severity 1 and one perturbation."""
+    view = {"images": 10, "top1": top1, "top5": 1.0, "nll": 1.0, "ece": 0.1}
+    return {"plan": {"corruptions": ["fog"], "severities": [1], "perturbations": ["brightness"], "images": None,
+                     "seed": plan}, "img_size": 32, "images": 10, "clean": {**view, "top1": clean},
+            "corrupted": view, "corruptions": {"fog": {"1": view}},
+            "perturbations": {"brightness": {"frames": 10, "pairs": 90, "flip_rate": 0.1}},
+            "images_per_worker_s": {"clean": 100.0, "fog": 50.0}}
+
+
+def test_the_report_lists_a_model_measured_on_another_plan_without_comparing_it(tmp_path):
+    from noisystudent.reporting.robustness import section
+
+    rows = [{"round": k, "role": role, "model": "m", "robustness": _full(plan, 0.9, top1)}
+            for k, role, plan, top1 in ((0, "teacher", 0, 0.6), (1, "student", 1, 0.7), (2, "student", 0, 0.8))]
+    text = section(tmp_path, rows, rows[0]["robustness"], "the teacher")  # as write_report: the teacher's row
+    assert "so not compared here: round 1 student (m)" in text
+    assert "| fog | 40.0 (100.0) | 20.0 (50.0) |" in text  # the teacher and round 2 only
+    assert rows[1]["robustness_summary"]["mce"] is None and rows[2]["robustness_summary"]["mce"] == pytest.approx(50)
+    # a reference that shows no error on a corruption: its CE is undefined, left out of the mean and named
+    rows[0]["robustness"]["corruptions"]["fog"]["1"] = {**rows[0]["robustness"]["corruptions"]["fog"]["1"],
+                                                        "top1": 1.0}
+    text = section(tmp_path, rows, rows[0]["robustness"], "the teacher")
+    assert rows[2]["robustness_summary"]["mce"] is None and "mce leaves out fog (round 2 student)" in text
+
+
+def test_flip_rate_compares_each_frame_with_the_one_before(teacher_copy, digits_root):
+    """The flips evaluate_views counts, against the same frames' predictions counted here one image at a time."""
+    from accelerate import Accelerator
+    from torchvision import transforms
+
+    from noisystudent.data.transforms import InputNormalizer, eval_resize_crop, model_norm
+    from noisystudent.models.build import load_exported_model
+    from noisystudent.stages.common import evaluate_robustness
+
+    cfg = make_cfg(f"data.root={digits_root}", *FAST, "eval.perturbations=[brightness,translate]",
+                   "data.crop_pct=0.875", "eval.corruption_images=64")
+    model, info = load_exported_model(teacher_copy / "teacher", "")
+    urls = sorted(str(p) for p in digits_root.glob("eval-*.tar"))
+    got = evaluate_robustness(cfg, Accelerator(cpu=True), [(model, info)], 10, urls)[0]["perturbations"]
+    # the same frames, from the loader's stages, predicted in the same batches of 64
+    plan = robustness_plan(cfg.eval)
+    views = plan.variants(36, 32)
+    decoder = SampleDecoder(transforms.Compose([eval_resize_crop(32, cfg.data).transforms[0], ToHWCArray()]), 10,
+                            labeled=True)
+    stream = ordered_stream(urls, decoder, 64, split_by_node=False, select=FirstImages(first_images_quota(
+        urls, [sum(1 for _ in wds.WebDataset(u, shardshuffle=False)) for u in urls], 64)),
+        batches=VariantBatches(views, VariantMaker(32, 0, 5), 64))
+    normalize = InputNormalizer(*model_norm(model), channels_last=False)
+    pred = {}
+    with torch.no_grad():
+        for b in make_loader(stream, 0):
+            pred[b["variant"]] = model(normalize(b["images"])).argmax(1)
+    for name in ("brightness", "translate"):
+        frames = [pred[i] for i, v in enumerate(views) if v.name == name and v.kind == "perturbation"]
+        neighbours = sum(int((b != a).sum()) for a, b in zip(frames, frames[1:]))
+        against_first = sum(int((f != frames[0]).sum()) for f in frames[1:])
+        assert got[name]["pairs"] == 64 * (len(frames) - 1)
+        assert got[name]["flip_rate"] == neighbours / got[name]["pairs"]
+        assert neighbours != against_first, name  # the check tells the two definitions apart on these images
+
+
 def test_stage_evaluate_reports_every_view_and_the_clean_view_is_data_evals(teacher_copy, digits_root):
     report = run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST, *SMALL)
     row = report["rounds"][0]
@@ -159,7 +249,15 @@ def test_stage_evaluate_reports_every_view_and_the_clean_view_is_data_evals(teac
     assert flips["translate"]["frames"] == 5 and flips["translate"]["pairs"] == 539 * 4
     assert all(0 <= f["flip_rate"] <= 1 for f in flips.values())
     assert row["robustness_summary"]["mce"] == pytest.approx(100)  # the teacher is the reference
-    assert set(res["images_per_worker_s"]) == {"clean", "gaussian_noise", "glass_blur", "brightness", "translate"}
+    assert set(res["images_per_worker_s"]) == {"clean", "gaussian_noise", "glass_blur", "brightness (perturbation)",
+                                               "translate (perturbation)"}
+    # under corruption: the corrupted views counted as one set (equal image counts: its top-1 is their mean)
+    views = [m for sev in res["corruptions"].values() for m in sev.values()]
+    assert res["corrupted"]["images"] == 539 * 4
+    assert res["corrupted"]["top1"] == pytest.approx(statistics.mean(m["top1"] for m in views))
+    assert res["corrupted"]["nll"] == pytest.approx(statistics.mean(m["nll"] for m in views))
+    summary = row["robustness_summary"]
+    assert (summary["top1"], summary["ece"]) == (res["corrupted"]["top1"], res["corrupted"]["ece"])
     md = (teacher_copy / "report.md").read_text()
     assert "## Robustness" in md and "| gaussian_noise | " in md and "### Flip rate per perturbation" in md
     assert read_json(teacher_copy / "report.json")["mce_reference"] == "the teacher"
@@ -177,6 +275,27 @@ def test_a_training_step_records_robustness_and_checks_it_before_training(tmp_pa
     with pytest.raises(ConfigError, match="eval.corruptions=.*unknown corruption 'fogg'"):
         run("stage=teacher", f"run_dir={tmp_path}/bad", f"data.root={digits_root}", *FAST, "eval.corruptions=[fogg]")
     assert not (tmp_path / "bad/teacher/checkpoint.pt").exists()
+    # what only the model's size tells (the digits' crop_pct 1 leaves the crop no room to move): before training too
+    with pytest.raises(ConfigError, match="eval.perturbations=translate: the eval transform of this step's model"):
+        run("stage=teacher", f"run_dir={tmp_path}/tight", f"data.root={digits_root}", *FAST,
+            "eval.perturbations=[translate]")
+    assert not (tmp_path / "tight/teacher").exists()
+
+
+def test_a_report_rebuilt_from_the_summaries_keeps_stage_evaluates_result_while_the_weights_stay(teacher_copy,
+                                                                                                  digits_root):
+    import os
+
+    from noisystudent.stages.iterate import report_from_summaries
+
+    run("stage=evaluate", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST,
+        "eval.corruptions=[contrast]", "eval.severities=[1]", "eval.corruption_images=20")
+    measured = read_json(teacher_copy / "report.json")["rounds"][0]["robustness"]
+    cfg = make_cfg(f"run_dir={teacher_copy}", f"data.root={digits_root}")
+    assert report_from_summaries(cfg)[0]["robustness"] == measured
+    weights = teacher_copy / "teacher/model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # as if trained again
+    assert report_from_summaries(cfg)[0]["robustness"] is None
 
 
 def test_translate_without_room_and_a_reference_of_another_plan_are_errors(teacher_copy, digits_root, tmp_path):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import webdataset as wds
+from omegaconf import ListConfig
 
 from ..errors import ConfigError
 from .shards import collate_counting
@@ -63,6 +64,12 @@ class Variant:
     name: str = "clean"
     level: int = 0  # the severity, or the frame's index
 
+    @property
+    def family(self) -> str:
+        """What the view is made by, for its cost: "clean", a corruption's name, or "NAME (perturbation)" (brightness
+        is both a corruption and a perturbation, at very different costs)."""
+        return f"{self.name} (perturbation)" if self.kind == "perturbation" else self.name
+
 
 @dataclass(frozen=True)
 class RobustnessPlan:
@@ -83,13 +90,29 @@ class RobustnessPlan:
         out = [Variant("clean")]
         out += [Variant("corruption", c, s) for c in self.corruptions for s in self.severities]
         for p in self.perturbations:
-            n = len(translate_offsets(resized, crop)) if p == "translate" else PERTURBATIONS[p].frames
+            n = translate_frames(resized, crop) if p == "translate" else PERTURBATIONS[p].frames
             out += [Variant("perturbation", p, j) for j in range(n)]
         return out
+
+    def check_geometry(self, resized: int, crop: int, where: str) -> None:
+        """A ConfigError when the eval transform's geometry (short side resized to `resized`, center crop `crop`)
+        cannot carry this plan; `where` names the model. Checked before a step trains, and again as it evaluates."""
+        if self.corruptions and crop < MIN_SIZE:
+            raise ConfigError(f"eval.corruptions: {where} is evaluated at {crop} px and imagecorruptions needs at "
+                              f"least {MIN_SIZE}; evaluate at {MIN_SIZE} px or more, or set eval.corruptions=[]")
+        if "translate" in self.perturbations and translate_frames(resized, crop) < 2:
+            raise ConfigError(f"eval.perturbations=translate: the eval transform of {where} resizes to {resized} px "
+                              f"and crops {crop} px, which leaves no room to move the crop; set data.crop_pct below "
+                              "1 (e.g. 0.875), or leave translate out")
 
     def settings(self) -> dict:
         return {"corruptions": list(self.corruptions), "severities": list(self.severities),
                 "perturbations": list(self.perturbations), "images": self.images, "seed": self.seed}
+
+
+def _listed(value) -> list:
+    """A config value as a list: a sequence's items, or the value itself (a string or a number) alone."""
+    return list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
 
 
 def _names(value, key: str, valid: tuple[str, ...], everything: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -97,9 +120,9 @@ def _names(value, key: str, valid: tuple[str, ...], everything: tuple[str, ...],
         return ()
     if value == "all":
         return everything
-    names = [value] if isinstance(value, str) else list(value)
+    names = _listed(value)
     bad = [n for n in names if n not in valid]
-    if bad or len(set(names)) != len(names):
+    if bad or len(set(map(str, names))) != len(names):
         problem = f"unknown {what} {bad[0]!r}" if bad else "a name given twice"
         raise ConfigError(f"{key}={value!r}: {problem}; use all ({', '.join(everything)}) or a list of: "
                           f"{', '.join(valid)}")
@@ -110,7 +133,7 @@ def robustness_plan(ev) -> RobustnessPlan:
     """The robustness keys of the `eval` config node (a mapping), checked; errors name the key and the valid values."""
     corruptions = _names(ev.get("corruptions"), "eval.corruptions", COMMON + HELD_OUT, COMMON, "corruption")
     sev = ev.get("severities", list(SEVERITIES))
-    sev = [sev] if isinstance(sev, int) and not isinstance(sev, bool) else list(sev or [])
+    sev = [] if sev is None else _listed(sev)
     if (not sev or len(set(sev)) != len(sev)
             or not all(isinstance(s, int) and not isinstance(s, bool) and s in SEVERITIES for s in sev)):
         raise ConfigError(f"eval.severities={sev!r}: distinct integers of 1, 2, 3, 4, 5 (ImageNet-C's severities), "
@@ -137,10 +160,18 @@ def _require_package():
         raise ConfigError(f"eval.corruptions needs the imagecorruptions package ({e}): {INSTALL}") from None
 
 
-def translate_offsets(width: int, crop: int) -> list[int]:
-    """The translate frames' left columns: consecutive crop positions along the row, centred on the center crop's."""
+def translate_frames(resized: int, crop: int) -> int:
+    """How many translate frames an image resized to `resized` px (short side) gives: the crop positions along a
+    row of that length, at most the perturbation's frame count. A wider image gets the same count, so every image
+    has the same sequence length."""
+    return max(1, min(resized - crop + 1, PERTURBATIONS["translate"].frames))
+
+
+def translate_offsets(width: int, crop: int, frames: int | None = None) -> list[int]:
+    """The left columns of `frames` translate frames (default: as many as `width` allows) in a row of `width` px:
+    consecutive crop positions, frame j one pixel right of frame j - 1, the sequence centred on the center crop."""
     room = width - crop
-    n = min(room + 1, PERTURBATIONS["translate"].frames)
+    n = translate_frames(width, crop) if frames is None else min(frames, room + 1)
     start = int(round(room / 2.0)) - (n - 1) // 2
     start = min(max(start, 0), room + 1 - n)
     return list(range(start, start + n))
@@ -163,11 +194,24 @@ def _numpy_seeded(seed: int):
         np.random.set_state(state)
 
 
-class VariantMaker:
-    """(HWC uint8 image resized for the eval crop, key, variant) -> the variant's HWC uint8 crop of `crop` px."""
+def _load_corrupt():
+    """imagecorruptions' corrupt(), with OpenCV held to one thread: a loader worker is one process of many, and
+    OpenCV's own pool (one thread per core in each worker) would oversubscribe the CPU. Its results do not depend
+    on the thread count (the tests compare bytes across processes)."""
+    import cv2
+    from imagecorruptions import corrupt
 
-    def __init__(self, crop: int, seed: int):
-        self.crop, self.seed = crop, seed
+    cv2.setNumThreads(1)
+    return corrupt
+
+
+class VariantMaker:
+    """(HWC uint8 image resized for the eval crop, key, variant) -> the variant's HWC uint8 crop of `crop` px.
+    `translate_frames`: the translate sequence's length (RobustnessPlan.variants), so a wider image's frames
+    are centred on its center crop too."""
+
+    def __init__(self, crop: int, seed: int, translate_frames: int | None = None):
+        self.crop, self.seed, self.translate_frames = crop, seed, translate_frames
         self._corrupt = None
 
     def _center(self, img: np.ndarray, left: int | None = None) -> np.ndarray:
@@ -182,8 +226,7 @@ class VariantMaker:
             return self._center(img)
         if v.kind == "corruption":
             if self._corrupt is None:
-                from imagecorruptions import corrupt
-                self._corrupt = corrupt
+                self._corrupt = _load_corrupt()
             s = variant_seed(self.seed, key, v)
             extra = {"seed": s} if v.name in _TAKE_SEED else {}
             with _numpy_seeded(s):
@@ -194,7 +237,7 @@ class VariantMaker:
             x = self._center(img).astype(np.float32) + 255.0 * PERTURBATIONS["brightness"].step * v.level
             return np.clip(x, 0, 255).astype(np.uint8)
         if v.name == "translate":
-            return self._center(img, translate_offsets(img.shape[1], self.crop)[v.level])
+            return self._center(img, translate_offsets(img.shape[1], self.crop, self.translate_frames)[v.level])
         raise ValueError(f"unknown variant {v}")
 
 

@@ -11,7 +11,7 @@ import logging
 import torch
 from torchvision import transforms
 
-from ..data.corruptions import INSTALL, MIN_SIZE, FirstImages, RobustnessPlan, VariantBatches, VariantMaker, warm_up
+from ..data.corruptions import INSTALL, FirstImages, RobustnessPlan, VariantBatches, VariantMaker, warm_up
 from ..data.shards import SampleDecoder
 from ..data.streams import make_loader, ordered_stream, rank_shards
 from ..data.transforms import InputNormalizer, ToHWCArray, model_norm
@@ -99,18 +99,12 @@ def evaluate_views(accelerator, models: list, urls: list[str], num_classes: int,
     Per model: the plan, the clean view's and every corruption/severity's top-1, top-5, NLL and ECE, each
     perturbation's flip rate (how often the top-1 changes between neighbouring frames), and the workers' cost
     per view (images per second of one worker's time; the same for every model of the pass)."""
-    if plan.corruptions and crop < MIN_SIZE:
-        raise ConfigError(f"eval.corruptions: the model is evaluated at {crop} px and imagecorruptions needs at least "
-                          f"{MIN_SIZE}; evaluate at {MIN_SIZE} px or more, or set eval.corruptions=[]")
     device = accelerator.device
     resized = int(resize.size if isinstance(resize.size, int) else min(resize.size))
+    plan.check_geometry(resized, crop, "the model")
     views = plan.variants(resized, crop)
     seq = {p: i for i, p in enumerate(plan.perturbations)}
     frames = {p: sum(1 for v in views if v.name == p and v.kind == "perturbation") for p in seq}
-    if frames.get("translate") == 1:
-        raise ConfigError(f"eval.perturbations=translate: the eval transform resizes to {resized} px and crops "
-                          f"{crop} px, which leaves no room to move the crop; set data.crop_pct below 1 (e.g. 0.875), "
-                          "or leave translate out")
     models = [m.to(device).eval() for m in models]
     normalizers = [InputNormalizer(*model_norm(m), channels_last=channels_last) for m in models]
     if quota is not None:
@@ -122,7 +116,8 @@ def evaluate_views(accelerator, models: list, urls: list[str], num_classes: int,
         raise ConfigError(f"eval.corruptions needs the imagecorruptions package ({e}): {INSTALL}") from None
     decoder = SampleDecoder(transforms.Compose([resize, ToHWCArray()]), num_classes, labeled=True)
     stream = ordered_stream(urls, decoder, batch_size, select=None if quota is None else FirstImages(quota),
-                            batches=VariantBatches(views, VariantMaker(crop, plan.seed), batch_size))
+                            batches=VariantBatches(views, VariantMaker(crop, plan.seed, frames.get("translate")),
+                                                   batch_size))
     loader = make_loader(stream, num_workers, len(mine), worker_nice, pin_memory=device.type == "cuda")
     tallies = [_Tally(len(views), num_classes, device) for _ in models]
     # per model: [flips, frame pairs] per perturbation
@@ -161,15 +156,19 @@ def evaluate_views(accelerator, models: list, urls: list[str], num_classes: int,
     out = []
     for tally, (flip, pairs) in zip(tallies, flips, strict=True):
         metrics = [{k: m[k] for k in VIEW_METRICS} for m in map(tally.metrics, range(len(views)))]
-        cost: dict = {}  # view name -> [images made, worker seconds]
+        cost: dict = {}  # view family -> [images made, worker seconds]
         for v, m, t in zip(views, metrics, secs, strict=True):
-            c = cost.setdefault(v.name, [0, 0.0])
+            c = cost.setdefault(v.family, [0, 0.0])
             c[0], c[1] = c[0] + m["images"], c[1] + t
+        corrupted = [i for i, v in enumerate(views) if v.kind == "corruption"]
         out.append({
             "plan": plan.settings(),
+            "img_size": crop,
             "images": metrics[0]["images"],
             "corrupt_skipped": int(tally.corrupt),
             "clean": metrics[0],
+            # every corrupted image of the plan together: ECE from their pooled confidence bins, not a mean of ECEs
+            "corrupted": {k: m[k] for k in VIEW_METRICS} if (m := tally.pooled(corrupted)) else None,
             "corruptions": {c: {str(v.level): m for v, m in zip(views, metrics, strict=True)
                                 if v.name == c and v.kind == "corruption"} for c in plan.corruptions},
             "perturbations": {p: {"frames": frames[p], "pairs": pairs[k],
@@ -229,6 +228,17 @@ class _Tally:
         for name in ("correct", "total", "top5", "loss", "rel", "corrupt", "nll_at"):
             if getattr(self, name) is not None:
                 setattr(self, name, accelerator.reduce(getattr(self, name), "sum"))
+
+    def pooled(self, views: list[int]) -> dict | None:
+        """The metrics of `views` counted as one set of images (None when empty); after `reduce`."""
+        if not views:
+            return None
+        idx = torch.tensor(views, device=self.total.device)
+        both = _Tally(1, self.scored, self.total.device)
+        for name in ("correct", "total", "top5", "loss", "rel"):
+            setattr(both, name, getattr(self, name)[idx].sum(dim=0, keepdim=True))
+        both.corrupt = self.corrupt
+        return both.metrics(0)
 
     def metrics(self, v: int) -> dict:
         total, correct, rel = self.total[v], self.correct[v], self.rel[v]

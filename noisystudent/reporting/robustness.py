@@ -38,7 +38,7 @@ def _mean(values) -> float | None:
 def against(robustness: dict | None, reference: dict | None) -> dict:
     """mCE, relative mCE and mFR of one model's result against the reference's (None where either is missing,
     the two were measured on different plans, or the reference shows no error to normalise by)."""
-    empty = {"mce": None, "relative_mce": None, "mfr": None, "ce": {}, "relative_ce": {}, "fr": {}}
+    empty = {"mce": None, "relative_mce": None, "mfr": None, "ce": {}, "relative_ce": {}, "fr": {}, "undefined": {}}
     if robustness is None or reference is None or robustness["plan"] != reference["plan"]:
         return empty
     mine, ref = errors(robustness), errors(reference)
@@ -53,14 +53,18 @@ def against(robustness: dict | None, reference: dict | None) -> dict:
     for p, m in robustness["perturbations"].items():
         r = reference["perturbations"][p]["flip_rate"]
         fr[p] = 100.0 * m["flip_rate"] / r if m["flip_rate"] is not None and r else None
+    # a CE the reference gives nothing to normalise by (no error, or no loss to the corruption) is left out of
+    # its mean, and named, so a mean over fewer corruptions than planned is never taken for the full one
+    undefined = {k: [c for c, v in d.items() if v is None] for k, d in (("mce", ce), ("relative_mce", rel),
+                                                                       ("mfr", fr))}
     return {"mce": _mean(ce.values()), "relative_mce": _mean(rel.values()), "mfr": _mean(fr.values()),
-            "ce": ce, "relative_ce": rel, "fr": fr}
+            "ce": ce, "relative_ce": rel, "fr": fr, "undefined": {k: v for k, v in undefined.items() if v}}
 
 
 def under_corruption(robustness: dict) -> dict:
-    """top-1, NLL and ECE averaged over every corruption and severity."""
-    views = [m for sev in robustness["corruptions"].values() for m in sev.values()]
-    return {k: _mean(m[k] for m in views) for k in ("top1", "nll", "ece")}
+    """top-1, NLL and ECE over every corrupted image of the plan together (None without corruptions)."""
+    pooled = robustness.get("corrupted") or {}
+    return {k: pooled.get(k) for k in ("top1", "nll", "ece")}
 
 
 def _label(row: dict) -> str:
@@ -77,10 +81,16 @@ def section(run_dir: Path, rows: list[dict], reference: dict | None, reference_n
     measured = [r for r in rows if r.get("robustness")]
     if not measured:
         return ""
-    plan = measured[0]["robustness"]["plan"]
     for r in rows:
         res = r.get("robustness")
         r["robustness_summary"] = {**against(res, reference), **(under_corruption(res) if res else {})}
+    # The per-corruption tables compare models on one plan: the reference's, else the first model's. A finished
+    # step kept from an earlier plan (its settings changed since) is listed, not compared.
+    plan = (reference or measured[0]["robustness"])["plan"]
+    other = [r for r in measured if r["robustness"]["plan"] != plan]
+    measured = [r for r in measured if r["robustness"]["plan"] == plan]
+    if not measured:
+        return "\n".join(["", "## Robustness", "", _other_plans(other, reference_name)]) + "\n"
     n = measured[0]["robustness"]["images"]
     which = (f"data.eval's first {n:,} images (eval.corruption_images)" if plan["images"]
              else f"All {n:,} images of data.eval")
@@ -91,6 +101,10 @@ def section(run_dir: Path, rows: list[dict], reference: dict | None, reference_n
              f"(eval.corruption_seed={plan['seed']}). mCE and relative mCE: corruption errors normalised by "
              f"{reference_name}'s (100 for it by construction); mFR: flip rates normalised alike. Lower is more "
              "robust."]
+    sizes = sorted({r["robustness"].get("img_size") for r in measured} - {None})
+    if len(sizes) > 1:
+        lines[-1] += (f" The models are evaluated at {', '.join(f'{x} px' for x in sizes)}: each is corrupted at its "
+                      "own size, so models at different sizes do not see the same pixels.")
     lines += ["", "| round | role | model | clean top-1 | corrupted top-1 | mCE | relative mCE | NLL corrupted | "
               "ECE corrupted | mFR |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -132,12 +146,25 @@ def section(run_dir: Path, rows: list[dict], reference: dict | None, reference_n
 
         lines += _per_model(measured, "perturbation (frames)", plan["perturbations"], flip_cell,
                             lambda p: f"{p} ({frames[p]['frames']})")
+    undefined = sorted({f"{k} leaves out {', '.join(cs)} ({_label(r)})" for r in measured
+                        for k, cs in r["robustness_summary"]["undefined"].items()})
+    if undefined:
+        lines += ["", f"Where {reference_name} shows no error (mCE, mFR) or loses nothing (relative mCE) on a "
+                  "corruption, its ratio is undefined and left out of the mean: " + "; ".join(undefined) + "."]
+    if other:
+        lines += ["", _other_plans(other, reference_name)]
     cost = measured[-1]["robustness"].get("images_per_worker_s") or {}
     slow = sorted((v, k) for k, v in cost.items() if v and k != "clean")
     if slow:
         lines += ["", "Cost in the loader workers (images per second of one worker, the last model's pass): "
                   + ", ".join(f"{k} {v:,.0f}" for v, k in slow) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _other_plans(rows: list[dict], reference_name: str) -> str:
+    return ("Measured on another plan than " + reference_name + "'s (other corruptions, severities, perturbations, "
+            "images or seed), so not compared here: " + ", ".join(f"{_label(r)} ({r['model']})" for r in rows)
+            + ". Rerun stage=evaluate with one plan for every model.")
 
 
 def _per_model(rows: list[dict], head: str, items, cell, name=str) -> list[str]:

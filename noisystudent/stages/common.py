@@ -17,7 +17,7 @@ from ..data.corruptions import RobustnessPlan, first_images_quota, robustness_pl
 from ..data.shards import count_samples, expand_shards
 from ..data.transforms import eval_resize_crop, eval_transform
 from ..errors import ConfigError
-from ..models.build import count_params, eval_img_size, export_model
+from ..models.build import MODEL_WEIGHTS, count_params, eval_img_size, export_model
 from ..reporting.evaluation import evaluate, evaluate_views
 from ..rundir import read_summary
 from ..training.engine import TrainJob, fit
@@ -35,12 +35,26 @@ def eval_set_shards(cfg: DictConfig) -> list[tuple[EvalSet, list[str]]]:
     return [(es, expand_shards(es.pattern, f"eval.sets.{es.name}.shards")) for es in eval_sets(cfg, num_classes(cfg))]
 
 
-def eval_shards(cfg: DictConfig) -> list[str]:
-    """data.eval's shards, with eval.sets and the robustness keys checked too: a training step fails before
-    training, not after it, when an eval pattern, class list or corruption is wrong."""
+def eval_shards(cfg: DictConfig, eval_size: int) -> list[str]:
+    """data.eval's shards, with eval.sets and the robustness keys checked too (for a model evaluated at
+    `eval_size` px): a training step fails before training, not after it, when an eval pattern, class list or
+    corruption is wrong."""
     eval_set_shards(cfg)
-    robustness_plan(cfg.eval)
+    check_robustness(cfg, robustness_plan(cfg.eval), eval_size, "this step's model")
     return shards(cfg, "eval")
+
+
+def check_robustness(cfg: DictConfig, plan: RobustnessPlan, eval_size: int, where: str) -> None:
+    """A ConfigError when the eval transform at `eval_size` px cannot carry `plan` (corruptions under 32 px, a
+    translate sequence with no room to move); `where` names the model."""
+    if plan.active:
+        plan.check_geometry(_resized(eval_size, cfg), eval_size, f"{where} ({eval_size} px)")
+
+
+def _resized(size: int, cfg: DictConfig) -> int:
+    """The short side the eval transform resizes to before its center crop of `size` px."""
+    resize = eval_resize_crop(size, cfg.data).transforms[0]
+    return int(resize.size if isinstance(resize.size, int) else min(resize.size))
 
 
 def num_classes(cfg: DictConfig) -> int:
@@ -153,6 +167,23 @@ def mce_reference(cfg: DictConfig) -> tuple[dict, str] | None:
     raise ConfigError(f"eval.mce_reference={path!r} was evaluated on {[r['plan'] for r in found] or None}, this run "
                       f"on {plan}: evaluate the reference with the same eval.corruptions, severities, perturbations, "
                       "corruption_images and corruption_seed (stage=evaluate on its run), or set it to null")
+
+
+def weights_fingerprint(step_dir) -> str:
+    """Which exported weights a result was measured on: their file's size and modification time (a step trained
+    again writes new ones)."""
+    st = (Path(step_dir) / MODEL_WEIGHTS).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def kept_robustness(step_dir: Path) -> dict | None:
+    """The robustness result `stage=evaluate` wrote into the run's report.json for this step, if it measured the
+    step's current weights: a report rebuilt from the summaries (stage=iterate) keeps it instead of losing it."""
+    try:
+        now = weights_fingerprint(step_dir)
+    except OSError:
+        return None
+    return next((res for res in _reported_robustness(step_dir) if res.get("weights") == now), None)
 
 
 def _reported_robustness(step: Path):

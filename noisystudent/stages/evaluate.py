@@ -10,10 +10,12 @@ from omegaconf import DictConfig
 
 from ..config import ROBUSTNESS_KEYS, read_settings
 from ..data.corruptions import robustness_plan
-from ..models.build import check_num_classes, load_exported_model
+from ..files import read_json
+from ..models.build import MODEL_INFO, check_num_classes, eval_img_size, load_exported_model
 from ..reporting.report import report_row, write_report
 from ..rundir import command_for_round, finished_models, teacher_dir
 from .common import (
+    check_robustness,
     eval_set_shards,
     evaluate_model,
     evaluate_robustness,
@@ -21,6 +23,7 @@ from .common import (
     num_classes,
     on_eval_sets,
     shards,
+    weights_fingerprint,
 )
 from .contract import Step, StepRun
 
@@ -38,6 +41,8 @@ def inputs(cfg: DictConfig, nc: int) -> dict:
     if not models:
         # the same error load_exported_model gives, naming the path and the command
         load_exported_model(teacher_dir(cfg.run_dir), command_for_round(cfg.run_dir, 0))
+    for _, _, step_dir in models:  # before any model is evaluated
+        check_robustness(cfg, plan, eval_img_size(read_json(step_dir / MODEL_INFO)), f"the model in {step_dir}")
     return {"eval": eval_urls, "sets": sets, "models": models, "robustness": plan, "reference": reference}
 
 
@@ -56,6 +61,8 @@ def work(run: StepRun) -> dict:
     # every model at once: the corrupted views are made once for all of them
     for row, res in zip(rows, evaluate_robustness(cfg, accelerator, loaded, nc, run.inputs["eval"],
                                                   run.inputs["robustness"]), strict=True):
+        if res is not None:  # which weights it measured: iterate keeps the result in its report while they stay
+            res["weights"] = weights_fingerprint(row["path"])
         row["robustness"] = res
     report = {"rounds": rows}
     if accelerator.is_main_process:

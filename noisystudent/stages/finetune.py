@@ -128,7 +128,7 @@ def inputs(cfg: DictConfig, s: FinetuneSettings) -> dict:
     if why:
         raise ConfigError(f"stage=finetune round={s.round}: {why}")
     labeled = shards(cfg, "labeled")
-    eval_shards(cfg)
+    eval_shards(cfg, resolution(info, s.img_size))
     return {"source": source, "info": info, "labeled": labeled,
             "n_labeled": count_samples(labeled, "data.labeled", s.labeled_samples, "data.labeled_samples")}
 

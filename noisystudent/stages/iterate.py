@@ -15,7 +15,7 @@ from ..models.presets import student_model
 from ..reporting.report import REPORT_MD, report_row, write_report
 from ..rundir import finished_models, read_summary
 from . import finetune, pseudolabel, student, teacher
-from .common import mce_reference
+from .common import kept_robustness, mce_reference
 from .contract import run_step
 
 FINETUNE = ("final", "every", "none")
@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def report_from_summaries(cfg: DictConfig) -> list[dict]:
-    """One row per finished model, from the eval metrics each step stored in its summary.json."""
+    """One row per finished model, from the eval metrics each step stored in its summary.json; a model trained
+    without the robustness keys keeps the result a later stage=evaluate measured on it, if any."""
     rows = []
     for round_idx, role, step_dir in finished_models(cfg.run_dir):
         s = read_summary(step_dir)
         rows.append(report_row(round_idx, role, s["model"], s["eval"], step_dir, s.get("eval_sets"),
-                               s.get("robustness")))
+                               s.get("robustness") or kept_robustness(step_dir)))
     return rows
 
 

@@ -140,7 +140,7 @@ def inputs(cfg: DictConfig, s: StudentSettings) -> dict:
                         "and rerun stage=pseudolabel with force=true")
     urls = shards(cfg, "unlabeled")
     paths = label_paths(urls, pl / "labels")
-    eval_shards(cfg)
+    eval_shards(cfg, s.preset["test_img_size"])
     return {"teacher_dir": prev_dir, "teacher": read_json(prev_dir / MODEL_INFO), "selection": sel_json,
             "label_temperature": float(read_summary(pl).get("temperature", 1.0)),
             "labeled": shards(cfg, "labeled"), "paths": paths,

@@ -47,7 +47,8 @@ def reads(cfg: DictConfig) -> dict:
 
 def inputs(cfg: DictConfig, s: TeacherSettings) -> dict:
     labeled = shards(cfg, "labeled")
-    eval_shards(cfg)  # fail now, not after training, when the eval pattern is wrong
+    # fail now, not after training, when the eval pattern is wrong or the robustness plan does not fit the model
+    eval_shards(cfg, int(cfg.model.get("test_img_size") or cfg.model.img_size))
     return {"labeled": labeled,
             "n_labeled": count_samples(labeled, "data.labeled", s.labeled_samples, "data.labeled_samples")}
 
