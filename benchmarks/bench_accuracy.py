@@ -304,22 +304,28 @@ def robustness_table(results: dict) -> str:
     for k in range(results["rounds"] + 1):
         cells = []
         for _, key, scale in ROBUST_ROWS:
-            vals = [scale * v["robustness"]["models"][k][key] for v in seeds
-                    if v["robustness"]["models"][k][key] is not None]
+            vals = [scale * m[key] for m in (round_model(v, k) for v in seeds) if m[key] is not None]
             cells.append(mean_std(vals))
         lines.append(f"| {'teacher' if k == 0 else f'round {k} student'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def round_model(seed_result: dict, k: int) -> dict:
+    """A seed's robustness figures of round k's student (k = 0: the teacher), as the table's top-1 rows (a round's
+    fine-tune, with iterate.finetune, is a row of its own in the run's report, not here)."""
+    role = "teacher" if k == 0 else "student"
+    return next(m for m in seed_result["robustness"]["models"] if m["round"] == k and m["role"] == role)
+
+
 def robustness_plot(path: Path, results: dict) -> None:
-    """Error per corruption, mean over seeds: the teacher against the last round."""
-    seeds = [v["robustness"]["models"] for v in results["seeds"].values() if "robustness" in v]
+    """Error per corruption, mean over seeds: the teacher against the last round's student."""
+    seeds = [v for v in results["seeds"].values() if "robustness" in v]
     if not seeds:
         return
     series = []
-    for k, label in ((0, "teacher"), (len(seeds[0]) - 1, f"round {len(seeds[0]) - 1} student")):
-        names = seeds[0][k]["error"]
-        series.append((label, {c: statistics.mean(m[k]["error"][c] for m in seeds) for c in names}))
+    for k, label in ((0, "teacher"), (results["rounds"], f"round {results['rounds']} student")):
+        names = round_model(seeds[0], k)["error"]
+        series.append((label, {c: statistics.mean(round_model(v, k)["error"][c] for v in seeds) for c in names}))
     error_plot(path, series, f"Fashion-MNIST, {len(seeds)} seed(s): top-1 error per corruption (mean of severities)")
 
 
