@@ -5,7 +5,7 @@ FILE` compares an existing report.md instead), then compares, character by chara
 shows from report.md (3 model rows, 2 pseudo-label rows) and every seed-0 figure of the default run that
 README or docs/ repeat (the seed tables' seed-0 column). On drift it names each row that moved, then what
 the numbers depend on here: the installed releases that differ from requirements-lock.txt, and torch's CPU
-kernels and threads against those README states.
+kernels, the processor and torch's threads against those README states.
 
 A machine whose CPU differs from README's (its kernels, or the processor itself: two AVX512 machines of
 other makes printed other students) cannot reproduce its students' figures bit for bit (docs/results.md,
@@ -20,6 +20,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ROW = re.compile(r"^\| (\d+) \| (teacher|student) \|")
@@ -78,12 +79,21 @@ def processor() -> str:
     return f"{info['vendor_id']} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
 
 
-def machine(readme: str) -> tuple[tuple[str, str, int], tuple[str, str, int] | None]:
+class Machine(NamedTuple):
+    kernels: str  # torch.backends.cpu.get_cpu_capability()
+    processor: str  # processor()
+    threads: int
+
+    def same_cpu(self, other: Machine) -> bool:
+        return (self.kernels, self.processor) == (other.kernels, other.processor)
+
+
+def machine(readme: str) -> tuple[Machine, Machine | None]:
     import torch
 
-    here = (torch.backends.cpu.get_cpu_capability(), processor(), torch.get_num_threads())
+    here = Machine(torch.backends.cpu.get_cpu_capability(), processor(), torch.get_num_threads())
     stated = MEASURED_ON.search(readme)
-    return here, (stated.group(1), stated.group(2), int(stated.group(3))) if stated else None
+    return here, Machine(stated.group(1), stated.group(2), int(stated.group(3))) if stated else None
 
 
 def release_drift() -> list[str]:
@@ -139,18 +149,19 @@ def main() -> int:
     if not problems:
         print(f"check_demo: {len(want)} README rows and {len(seeds)} seed-0 figures match {report}")
         return 0
-    if here[:2] != stated[:2]:
-        print(f"check_demo: NOT JUDGED: README's figures were measured with CPU kernels {stated[0]} on {stated[1]}, "
-              f"this machine has {here[0]} on {here[1]}; the students' figures differ with the CPU:\n"
+    if not here.same_cpu(stated):
+        print(f"check_demo: NOT JUDGED: README's figures were measured with CPU kernels {stated.kernels} on "
+              f"{stated.processor}, this machine has {here.kernels} on {here.processor}; the students' figures "
+              "differ with the CPU:\n"
               + "\n".join(problems), file=sys.stderr)
         return 0
     causes = release_drift()
-    if here[2] != stated[2]:
-        causes.append(f"  {here[2]} torch threads here, README's figures were measured with {stated[2]} "
+    if here.threads != stated.threads:
+        causes.append(f"  {here.threads} torch threads here, README's figures were measured with {stated.threads} "
                       "(make check-demo sets them)")
     if not causes:
-        causes.append(f"  every release as the lock says, CPU kernels {here[0]} on {here[1]} with {here[2]} threads "
-                      "as README states: the code moved the figures")
+        causes.append(f"  every release as the lock says, CPU kernels {here.kernels} on {here.processor} with "
+                      f"{here.threads} threads as README states: the code moved the figures")
     print("check_demo: the seed-0 demo no longer prints README's figures:\n" + "\n".join(problems)
           + "\nWhat the figures depend on here (README, 'What the numbers depend on'):\n" + "\n".join(causes),
           file=sys.stderr)
