@@ -154,6 +154,7 @@ def test_an_unlabeled_cls_that_is_no_class_here_is_unknown_not_fatal():
 
     dec = SampleDecoder(lambda img: img, 10, labeled=False, audit_classes=True)
     assert [dec.label_of({"cls": c}) for c in (b"3", b"n01440764", b"12", b" 7\n")] == [3, -1, -1, 7]
+    assert dec.label_of({"cls": b"-1"}) == -2  # an image of no class of the data set: every label of it is wrong
     assert dec.label_of({}) == -1
     assert SampleDecoder(lambda img: img, 10, labeled=False).label_of({"cls": b"3"}) == -1  # audit off
 

@@ -26,15 +26,20 @@ def _models():
     return teacher, student
 
 
-@pytest.mark.parametrize("temperature,hard", [(1.0, False), (2.0, False), (1.0, True)])
-def test_online_targets_are_the_teachers_softmax_on_the_same_images(temperature, hard):
+@pytest.mark.parametrize("temperature,hard,weights", [(1.0, False, None), (2.0, False, None), (1.0, True, None),
+                                                     (1.0, False, [0.2] * 5 + [3.0] * 5)])
+def test_online_targets_are_the_teachers_softmax_on_the_same_images(temperature, hard, weights):
+    """... corrected by the selection's class weights where it has them (pseudolabel.prior_correction)."""
     teacher, student = _models()
     raw = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     as_student = InputNormalizer(*model_norm(student), channels_last=False)(raw)
-    targets = OnlineTargets(teacher, student, Accelerator(cpu=True), temperature, hard)(as_student)
+    targets = OnlineTargets(teacher, student, Accelerator(cpu=True), temperature, hard, weights)(as_student)
     with torch.no_grad():
         logits = teacher(InputNormalizer(*model_norm(teacher), channels_last=False)(raw))
     want = torch.softmax(logits / temperature, dim=1)
+    if weights is not None:
+        want = want * torch.tensor(weights)
+        want = want / want.sum(1, keepdim=True)
     if hard:
         want = torch.nn.functional.one_hot(want.argmax(1), 10).float()
     assert torch.allclose(targets, want, atol=1e-5)

@@ -51,7 +51,8 @@ def test_label_files_per_shard_in_shard_order(teacher_copy, digits_root):
         assert np.allclose(f["confidence"], probs[:, 0], atol=1e-3)
         assert f.meta["shard"] == shard
     # images are never copied: the stage wrote labels only
-    assert not list(out.rglob("*.tar")) and sorted(p.name for p in out.rglob("*.png")) == ["audit.png", "selection.png"]
+    assert not list(out.rglob("*.tar")) and sorted(p.name for p in out.rglob("*.png")) == [
+        "audit.png", "classes-1.png", "out_of_domain.png", "pool.png", "rejected.png", "selection.png"]
 
 
 def test_hard_labels_and_temperature(teacher_copy, digits_root):
@@ -102,18 +103,26 @@ def test_sigkill_then_rerun_equals_uninterrupted(teacher_copy, digits_root, tmp_
 
 @pytest.mark.slow
 def test_two_processes_write_what_one_does(teacher_copy, digits_root, tmp_path):
+    """... with a held-out reference and the levers for real pools on: the same label files, pool estimate and
+    selection, whatever the number of processes."""
+    levers = [f"data.val='{digits_root}/eval-{{000000..000001}}.tar'", "pseudolabel.prior_correction=true",
+              "pseudolabel.ood.filter=true", "pseudolabel.max_repeat=3", "pseudolabel.class_quantile=0.1"]
     one = tmp_path / "one"
     shutil.copytree(teacher_copy, one)
-    run(*_args(one, digits_root))
+    run(*_args(one, digits_root, *levers))
     launcher = accelerate_launch()
-    proc = cli(*_args(teacher_copy, digits_root), launcher=launcher)
+    proc = cli(*_args(teacher_copy, digits_root, *levers), launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _label_files(teacher_copy) == _label_files(one)
-    assert (read_json(teacher_copy / "round_1/pseudolabel/selection.json")
-            == read_json(one / "round_1/pseudolabel/selection.json"))
+    val = [sorted((d / "round_1/pseudolabel/val").glob("*")) for d in (teacher_copy, one)]
+    assert len(val[0]) == 2 and [p.read_bytes() for p in val[0]] == [p.read_bytes() for p in val[1]]
+    sel = read_json(teacher_copy / "round_1/pseudolabel/selection.json")
+    assert sel == read_json(one / "round_1/pseudolabel/selection.json")
+    assert sel["prior_correction"] and sel["ood"]["filter"] and sel["class_cut_score"] and sel["max_repeat"] == 3
     summary = read_json(teacher_copy / "round_1/pseudolabel/summary.json")
+    assert summary["pool"] == read_json(one / "round_1/pseudolabel/summary.json")["pool"]
     assert summary["images_seen"] == 1158 and summary["processes"] == 2
-    assert summary["images_labeled_this_run"] == 1158  # each shard labeled once, by one of the two
+    assert summary["images_labeled_this_run"] == 1158 + 539  # each shard labeled once, by one of the two
 
 
 def test_no_finished_teacher(tmp_path, digits_root):

@@ -27,7 +27,7 @@ def _files(tmp_path, conf, cls, n_files=3, topk=2, num_classes=None):
 def _repeats(files, sel):
     out = {}
     for f in files:
-        rep = sel.repeats(f["confidence"], f["argmax"].astype(np.int64), f["keyhash"])
+        rep = sel.repeats(f)
         out.update(zip(f.keys(), rep.tolist()))
     return out
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,8 +319,7 @@ class SampleTable:
         self.offsets = [np.asarray(r.offsets, dtype=np.int64) for r in records]
         self.base = np.cumsum([0] + [len(r) for r in records])
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        self.topk_ids: np.ndarray | None = None
-        self.topk_probs: np.ndarray | None = None
+        self.targets: Callable[[np.ndarray], np.ndarray] | None = None  # rows -> their targets (the student's)
 
     def rows(self, where: list[tuple[str, int]]) -> np.ndarray:
         out = np.empty(len(where), dtype=np.int64)
@@ -399,11 +398,8 @@ def training_batches(files_all: list[str], records: dict[str, ShardRecord], inde
         for images, where in runner:
             rows = table.rows(where)
             batch = {"images": images, "labels": torch.from_numpy(table.labels[rows]), **NO_COUNTS}
-            if table.topk_ids is not None:
-                from .labels import soft_targets
-
-                batch["targets"] = torch.from_numpy(soft_targets(table.topk_ids[rows], table.topk_probs[rows],
-                                                                 table.num_classes, table.hard))
+            if table.targets is not None:
+                batch["targets"] = torch.from_numpy(table.targets(rows))
             yield batch
 
     return make
@@ -479,10 +475,11 @@ def pseudo_labeled_index(records: dict[str, ShardRecord], urls: list[str], label
 
     mine, _, _ = rank_split(kept(records, urls), rank, world)
     folder = Path(out_dir) / f"process{rank}"
-    index_files, ids, probs, listed, hard = {}, [], [], 0, False
+    index_files, ids, probs, rests, listed, hard = {}, [], [], [], 0, False
     for url in mine:
         rec, f = records[url], LabelFile(label_files[url])
-        rep = selection.repeats(f["confidence"], f["argmax"].astype(np.int64), f["keyhash"])
+        r = selection.rows(f)
+        rep = r.repeats
         where = {k: i for i, k in enumerate(f.keys())}
         row = np.array([where.get(k, -1) for k in rec.keys], dtype=np.int64)  # label file row of each sample
         reps = np.where(row >= 0, rep[np.maximum(row, 0)], 0)
@@ -490,15 +487,21 @@ def pseudo_labeled_index(records: dict[str, ShardRecord], urls: list[str], label
             continue
         index_files[url] = folder / f"{record_stem(url)}.idx"
         listed += write_dali_index(index_files[url], rec, reps)
-        k = f["topk_ids"].shape[1]
-        ids.append(np.where(row[:, None] >= 0, f["topk_ids"][np.maximum(row, 0)], 0).astype(np.int64).reshape(-1, k))
-        probs.append(np.where(row[:, None] >= 0, f["topk_probs"][np.maximum(row, 0)], 0).astype(np.float32)
-                     .reshape(-1, k))
+        f_ids, f_probs, f_rest = selection.target_arrays(f, r)
+        k = f_ids.shape[1]
+        ids.append(np.where(row[:, None] >= 0, f_ids[np.maximum(row, 0)], 0).astype(np.int64).reshape(-1, k))
+        # float16 as the label file keeps them, so the targets are those of the torch path, bit for bit
+        probs.append(np.where(row[:, None] >= 0, f_probs[np.maximum(row, 0)], 0).astype(f_probs.dtype).reshape(-1, k))
+        if f_rest is not None:
+            rests.append(np.where(row >= 0, f_rest[np.maximum(row, 0)], 0).astype(np.float32))
         hard = f.hard
+    all_ids = np.concatenate(ids) if ids else np.zeros((0, 1), np.int64)
+    all_probs = np.concatenate(probs) if probs else np.zeros((0, 1), np.float32)
+    all_rest = np.concatenate(rests) if rests else None
 
     def fill(table: SampleTable) -> None:
-        table.topk_ids = np.concatenate(ids) if ids else np.zeros((0, 1), np.int64)
-        table.topk_probs = np.concatenate(probs) if probs else np.zeros((0, 1), np.float32)
-        table.num_classes, table.hard = num_classes, hard
+        table.targets = lambda rows: selection.targets_from(all_ids[rows], all_probs[rows],
+                                                            None if all_rest is None else all_rest[rows],
+                                                            num_classes, hard)
 
     return index_files, fill, listed

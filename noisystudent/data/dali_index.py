@@ -19,7 +19,6 @@ the selection's repeat factors, `write_dali_index(repeats=...)`)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +33,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..files import atomic_write_bytes
-from .shards import IMAGE_EXTS, parse_label
+from .shards import IMAGE_EXTS, audit_class, parse_label
 
 INDEX_VERSION = "v1.2"
 RECORD_VERSION = 1
@@ -79,7 +78,7 @@ class ShardRecord:
     def labels(self, num_classes: int | None, labeled: bool, audit_classes: bool = False) -> np.ndarray:
         """Each kept sample's class, with the torch path's rules (`SampleDecoder.label_of`): labeled shards
         must carry a valid class (a DataError naming shard and key otherwise); unlabeled ones give -1, or with
-        audit_classes their cls where it is a class of this dataset."""
+        audit_classes what their cls says (`audit_class`: a class, no class, or unknown)."""
         out = np.full(len(self.keys), -1, dtype=np.int64)
         for i, (key, raw) in enumerate(zip(self.keys, self.cls, strict=True)):
             sample = {"__url__": self.url, "__key__": key, "jpg": b""}
@@ -87,9 +86,8 @@ class ShardRecord:
                 sample["cls"] = raw
             if labeled:
                 out[i] = parse_label(sample, num_classes)
-            elif audit_classes and raw is not None:
-                with contextlib.suppress(DataError):  # another label set's class: unknown, as on the torch path
-                    out[i] = parse_label(sample, num_classes)
+            elif audit_classes:
+                out[i] = audit_class(sample, num_classes)
         return out
 
 

@@ -6,16 +6,23 @@ Format: safetensors (byte-for-byte deterministic, read array by array without lo
     confidence float32[n] (top-1 probability), argmax int32[n]
     keyhash uint64[n]     a stable hash of the key: deterministic tie-break for balancing
     corrupt_utf8 / corrupt_offsets   keys of images that did not decode (skipped)
-    cls int32[n]          (only when a sample carried one) its true class, -1 where none: for the audit
+    logit_lse float32[n], max_logit float32[n]   (format 2) the logits' logsumexp and maximum at temperature 1:
+                          out-of-domain scores (energy = -logit_lse; pseudolabels/pool.py)
+    cls int32[n]          (only when a sample carried one) its true class for the audit: -1 where unknown, -2 for
+                          an image of no class of the data set (its `cls` was -1)
     confidence_raw float32[n]   (only with pseudolabel.calibrate) the top-1 probability before calibration
-metadata: shard, num_classes, topk, temperature, hard, images, corrupt.
-Written under a temporary name and renamed when whole, so a file that exists is complete."""
+metadata: format, shard, num_classes, topk, temperature, hard, images, corrupt.
+Written under a temporary name and renamed when whole, so a file that exists is complete.
+
+Format 1 files (no `format` in the metadata: versions before the out-of-domain scores) are still read: everything
+works from them but what needs the scores (the out-of-domain filter and count), which says to label again."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,8 @@ from ..errors import DataError
 from ..files import atomic_write_bytes
 
 SUFFIX = ".labels.safetensors"
+FORMAT = 2  # the label files this version writes (the module's docstring)
+SCORES = ("logit_lse", "max_logit")  # the out-of-domain scores a format-2 file holds
 ERROR_SUFFIX = ".error.json"
 
 
@@ -85,7 +94,8 @@ def topk_arrays(ids, vals):
 def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_ids: np.ndarray,
                      topk_probs: np.ndarray, confidence: np.ndarray, argmax: np.ndarray,
                      corrupt_keys: list[str], meta: dict, extra: dict[str, np.ndarray] | None = None) -> None:
-    """`extra`: the optional arrays (cls, confidence_raw), one value per key."""
+    """`extra`: the optional arrays (cls, confidence_raw, and the scores logit_lse and max_logit that every file
+    this version writes has), one value per key."""
     kb, ko = _encode_strings(keys)
     cb, co = _encode_strings(corrupt_keys)
     n = len(keys)
@@ -104,6 +114,8 @@ def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_
         tensors[name] = np.ascontiguousarray(arr, dtype=np.int32 if name == "cls" else np.float32).reshape(n)
     metadata = {k: str(v) for k, v in meta.items()}
     metadata.update(shard=shard, images=str(n), corrupt=str(len(corrupt_keys)))
+    if all(name in tensors for name in SCORES):
+        metadata["format"] = str(FORMAT)
     # one metadata entry holding sorted JSON: safetensors writes several entries in hash-map
     # order, which would make identical labels differ byte for byte between runs
     atomic_write_bytes(path, save(tensors, metadata={"noisystudent": json.dumps(metadata, sort_keys=True)}))
@@ -132,6 +144,15 @@ class LabelFile:
         return int(self.meta["num_classes"])
 
     @property
+    def format(self) -> int:
+        return int(self.meta.get("format", 1))
+
+    @property
+    def has_scores(self) -> bool:
+        """Whether the file holds the out-of-domain scores (format 2)."""
+        return all(self.has(name) for name in SCORES)
+
+    @property
     def hard(self) -> bool:
         return self.meta.get("hard") == "True"
 
@@ -140,6 +161,26 @@ class LabelFile:
 
     def corrupt_keys(self) -> list[str]:
         return _decode_strings(self["corrupt_utf8"], self["corrupt_offsets"])
+
+
+class LabelFiles(Sequence):
+    """Label files opened one at a time, when each is read (a fresh LabelFile per access): a pass over the
+    thousands of files of a large pool holds one open, as an open file keeps what was read of it mapped."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike]):
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return LabelFiles(self.paths[i])
+        return LabelFile(self.paths[i])
+
+    def __iter__(self) -> Iterator[LabelFile]:
+        for p in self.paths:
+            yield LabelFile(p)
 
 
 def soft_targets(topk_ids: np.ndarray, topk_probs: np.ndarray, num_classes: int, hard: bool) -> np.ndarray:

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +116,36 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
+_TAR_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def image_bytes(url: str, keys: set[str]) -> dict[str, bytes]:
+    """The image entry of each sample of `keys` in one shard (those it has). A local shard is read by its tar
+    headers, seeking past every other member's data (a contact sheet's few images from a large shard cost little
+    more than the headers); a remote one is streamed."""
+    found: dict[str, bytes] = {}
+    if is_local(url):
+        with tarfile.open(url, "r:") as tar:
+            for member in tar:
+                parts = _TAR_NAME.match(member.name)  # key and entry as webdataset splits them
+                if not member.isfile() or parts is None:
+                    continue
+                key, ext = parts.groups()
+                if key in keys and key not in found and ext in IMAGE_EXTS:
+                    found[key] = tar.extractfile(member).read()
+                    if len(found) == len(keys):
+                        break
+        return found
+    import webdataset as wds
+
+    for sample in wds.tarfile_samples([{"url": url}]):
+        if sample["__key__"] in keys:
+            ext = image_key(sample)
+            if ext is not None:
+                found[sample["__key__"]] = sample[ext]
+    return found
+
+
 def parse_label(sample: dict, num_classes: int) -> int:
     url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
     raw = sample.get("cls")
@@ -135,11 +166,31 @@ def parse_label(sample: dict, num_classes: int) -> int:
     return label
 
 
+UNKNOWN_CLASS = -1  # an unlabeled image whose class is not known (the pseudo-label audit leaves it out)
+NO_CLASS = -2  # an unlabeled image known to belong to none of the classes (out of domain: every label of it is wrong)
+
+
+def audit_class(sample: dict, num_classes: int) -> int:
+    """The class an unlabeled sample's `cls` gives it for the pseudo-label audit (never trained on): a class of this
+    data set; NO_CLASS for a cls of -1 (the image is of no class of this data set); UNKNOWN_CLASS without a cls, or
+    with one that is no class of this data set (another label set's index or name): never a reason to stop
+    labeling."""
+    raw = sample.get("cls")
+    if raw is None:
+        return UNKNOWN_CLASS
+    try:
+        if int(raw.decode().strip() if isinstance(raw, bytes) else raw) == -1:
+            return NO_CLASS
+        return parse_label(sample, num_classes)
+    except (ValueError, DataError):
+        return UNKNOWN_CLASS
+
+
 class SampleDecoder:
     """Turn a raw webdataset sample into (key, image or None, label); the image is the transform's
     HWC uint8 array (transforms.py). labeled=True: `cls` is required; labeled=False: the label is -1, or with
-    audit_classes=True the sample's `cls` where it is a class of this dataset (unlabeled shards may carry their
-    true class to audit the pseudo-labels: it is recorded beside them, never trained on).
+    audit_classes=True what the sample's `cls` says (`audit_class`: unlabeled shards may carry their true class to
+    audit the pseudo-labels, or -1 for an image of no class: recorded beside them, never trained on).
 
     A sample with no image entry at all is an error (the shards are not image shards); an image
     entry that does not decode is a corrupt image: returned with image None and the reason, counted,
@@ -156,15 +207,9 @@ class SampleDecoder:
     def label_of(self, sample: dict) -> int:
         if self.labeled:
             return parse_label(sample, self.num_classes)
-        if not self.audit_classes or sample.get("cls") is None:
-            return -1
-        # an unlabeled sample's cls only serves the audit: one that is not a class of this dataset (another
-        # label set's index or name) makes the image one without a known class (the audit counts those),
-        # never a reason to stop labeling
-        try:
-            return parse_label(sample, self.num_classes)
-        except DataError:
-            return -1
+        if not self.audit_classes:
+            return UNKNOWN_CLASS
+        return audit_class(sample, self.num_classes)
 
     def __call__(self, sample: dict) -> dict:
         ext = image_key(sample)

@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .labels import LabelFile, soft_targets
+from .labels import LabelFile
 from .shards import SampleDecoder, collate_counting, file_image_ext, skip_and_record_shard_error
 
 
@@ -137,9 +137,12 @@ class JoinPseudoLabels:
 
     def _table(self, url: str) -> dict:
         f = LabelFile(self.paths[url])
-        rep = self.selection.repeats(f["confidence"], f["argmax"].astype(np.int64), f["keyhash"])
+        r = self.selection.rows(f)
+        rep = r.repeats
         keep = np.flatnonzero(rep)
-        targets = soft_targets(f["topk_ids"][keep], f["topk_probs"][keep], self.num_classes, f.hard)
+        ids, probs, rest = self.selection.target_arrays(f, r)
+        targets = self.selection.targets_from(ids[keep], probs[keep], None if rest is None else rest[keep],
+                                              self.num_classes, f.hard)
         keys = f.keys()
         return {keys[i]: (int(rep[i]), torch.from_numpy(targets[j])) for j, i in enumerate(keep)}
 

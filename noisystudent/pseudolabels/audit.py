@@ -9,7 +9,12 @@ one at a time (nothing is held per image), and measures the pseudo-labels three 
     the student's stream sees them;
 overall, per confidence bin and per class (of the pseudo-label: the precision of "class c" labels; and
 per true class, the share of its images kept with the right label). With a calibrated teacher the files
-also hold the confidence before calibration, and the audit says what the threshold kept with it."""
+also hold the confidence before calibration, and the audit says what the threshold kept with it.
+
+The labels audited are the selection's: the teacher's, corrected for the pool's class prior where the selection
+corrects them, and "kept" means what passed the threshold and the out-of-domain filter. An image whose `cls` says
+it belongs to no class of the data set (-1 in the shard) is audited too: any label it gets is wrong, and
+"out_of_domain" says how many such images the selection kept and which classes took them."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..data.labels import LabelFile
+from ..data.shards import NO_CLASS, UNKNOWN_CLASS
 from ..reporting.plots import pct, pyplot, save_png
 from .selection import Selection
 
@@ -47,27 +53,36 @@ def audit_label_files(files: Iterable[LabelFile], selection: Selection, num_clas
     b = {k: z(AUDIT_BINS) for k in ("images", "correct", "conf", "after", "correct_after", "raw_images",
                                      "raw_correct", "raw_conf")}
     c = {k: z(nc) for k in ("true", "kept", "kept_correct", "after", "after_correct")}
+    o = {k: z(nc) for k in ("kept", "after")}  # images of no class, by the label they were given
     without, raw_kept, raw_kept_correct, has_raw = 0, 0, 0, True
+    no_class = uncorrected_right = 0
     for f in files:
         if not f.has("cls"):
             without += int(f.meta["images"])
             continue
         truth = f["cls"].astype(np.int64)
-        known = truth >= 0
+        known = truth != UNKNOWN_CLASS  # a class, or NO_CLASS: every label given to such an image is wrong
         without += int((~known).sum())
-        conf32 = f["confidence"][known]
-        conf, pred = conf32.astype(np.float64), f["argmax"].astype(np.int64)[known]
+        r = selection.rows(f)  # the labels as the selection read them (corrected for the prior, if it was)
+        conf32 = r.confidence[known]
+        conf, pred = conf32.astype(np.float64), r.argmax[known]
         truth = truth[known]
-        rep = selection.repeats(f["confidence"], f["argmax"].astype(np.int64), f["keyhash"])[known].astype(np.float64)
+        rep = r.repeats[known].astype(np.float64)
         right = (pred == truth).astype(np.float64)
-        kept = conf32 >= t  # float32 against the threshold, exactly as the selection compares
+        uncorrected_right += int((f["argmax"][known].astype(np.int64) == truth).sum())
+        kept = r.passes[known]  # the threshold (and the out-of-domain filter), exactly as the selection compares
+        outside = truth == NO_CLASS
+        no_class += int(outside.sum())
+        o["kept"] += np.bincount(pred[kept & outside], minlength=nc)
+        o["after"] += np.bincount(pred[outside], rep[outside], minlength=nc)
+        truth = np.where(outside, nc, truth)  # counted apart from the classes below
         bins = _bins(conf)
         b["images"] += np.bincount(bins, minlength=AUDIT_BINS)
         b["correct"] += np.bincount(bins, right, minlength=AUDIT_BINS)
         b["conf"] += np.bincount(bins, conf, minlength=AUDIT_BINS)
         b["after"] += np.bincount(bins, rep, minlength=AUDIT_BINS)
         b["correct_after"] += np.bincount(bins, rep * right, minlength=AUDIT_BINS)
-        c["true"] += np.bincount(truth, minlength=nc)
+        c["true"] += np.bincount(truth, minlength=nc + 1)[:nc]
         c["kept"] += np.bincount(pred[kept], minlength=nc)
         c["kept_correct"] += np.bincount(pred[kept], right[kept], minlength=nc)
         c["after"] += np.bincount(pred, rep, minlength=nc)
@@ -113,6 +128,18 @@ def audit_label_files(files: Iterable[LabelFile], selection: Selection, num_clas
             "precision_after_balancing": _ratio(c["after_correct"], c["after"]),
         },
     }
+    if selection.weights is not None:  # what the prior correction changed: the teacher's own top-1, right
+        out["uncorrected_accuracy"] = float(uncorrected_right / n)
+    if no_class:
+        kept_all, after_all = c["kept"].sum(), c["after"].sum()
+        out["out_of_domain"] = {
+            "images": no_class, "share": float(no_class / n),
+            "kept_by_threshold": int(o["kept"].sum()), "after_balancing": int(o["after"].sum()),
+            "share_kept": _ratio(o["kept"].sum(), kept_all)[0], "share_after_balancing": _ratio(o["after"].sum(),
+                                                                                              after_all)[0],
+            # per pseudo-label: the share of the images given class c (after balancing) that belong to no class
+            "per_class_share_after_balancing": _ratio(o["after"], c["after"]),
+        }
     if has_raw:
         out["uncalibrated"] = {"ece": _ece(b["raw_images"], b["raw_correct"], b["raw_conf"]),
                                "kept_by_threshold": {"images": raw_kept,

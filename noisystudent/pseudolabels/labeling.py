@@ -39,7 +39,8 @@ def run_model(accelerator, model, normalize: InputNormalizer, sources: list[str]
               counts: dict | None = None, num_classes: int | None = None, audit_classes: bool = False,
               raw_temperature: float | None = None, dali: dict | None = None) -> Iterator[dict]:
     """Yield, source by source, {"source", "keys", "corrupt", "topk_ids", "topk_probs", "confidence",
-    "argmax", "cls", "confidence_raw"} (the arrays as label files store them), or {"source", "error"} for a
+    "argmax", "cls", "confidence_raw", "logit_lse", "max_logit"} (the arrays as label files store them; the last
+    two are the out-of-domain scores of the logits at temperature 1), or {"source", "error"} for a
     source that cannot be read. "cls": each image's class from its sample's `cls` (-1 where it has none;
     audit_classes=True, else all -1); "confidence_raw": the top-1 probability at `raw_temperature` (None when
     it is not given: the temperature was not changed by a calibration). `counts` receives the device
@@ -93,19 +94,22 @@ def _label_batches(accelerator, model, normalize, loader, device_decoder, topk: 
         """Host side of a batch: its top-k read from the device; a source's results once its last batch is in."""
         if keys:
             raw = top[2].cpu().numpy() if top[2] is not None else np.full(len(keys), np.nan, np.float32)
-            parts.setdefault(source, []).append((keys, *topk_arrays(*top[:2]), np.array(labels, np.int32), raw))
+            ood = top[3].cpu().numpy()
+            parts.setdefault(source, []).append((keys, *topk_arrays(*top[:2]), np.array(labels, np.int32), raw,
+                                                 ood[0], ood[1]))
         if not last:
             return None
         chunks = parts.pop(source, [])
-        arrays = [np.concatenate([c[i] for c in chunks]) if chunks else None for i in range(1, 7)]
-        names = ("topk_ids", "topk_probs", "confidence", "argmax", "cls", "confidence_raw")
+        names = ("topk_ids", "topk_probs", "confidence", "argmax", "cls", "confidence_raw", "logit_lse", "max_logit")
+        arrays = [np.concatenate([c[i] for c in chunks]) if chunks else None for i in range(1, len(names) + 1)]
         out = {"source": source, "keys": [k for c in chunks for k in c[0]], "corrupt": corrupt.pop(source, []),
                **dict(zip(names, arrays, strict=True))}
         if raw_temperature is None:
             out["confidence_raw"] = None
         return out
 
-    pending = None  # the previous batch: (source, keys, labels, last, (top-k ids, probs, raw confidence) on device)
+    # the previous batch: (source, keys, labels, last, (top-k ids, probs, raw confidence, scores) on the device)
+    pending = None
     with torch.inference_mode():
         for batch in loader:
             source = batch["shard"]
@@ -132,7 +136,9 @@ def _label_batches(accelerator, model, normalize, loader, device_decoder, topk: 
                 with accelerator.autocast():
                     logits = model(normalize(images)).float()
                 raw = None if raw_temperature is None else torch.softmax(logits / raw_temperature, 1).amax(1)
-                top = (*topk_on_device(torch.softmax(logits / temperature, dim=1), topk), raw)
+                # the out-of-domain scores (pseudolabels/pool.py), of the logits themselves: energy is -logsumexp
+                ood = torch.stack([torch.logsumexp(logits, 1), logits.amax(1)])
+                top = (*topk_on_device(torch.softmax(logits / temperature, dim=1), topk), raw, ood)
             if pending and (done := finish(*pending)):
                 yield done
             pending = (source, keys if top is not None else [], labels, batch["last"], top)

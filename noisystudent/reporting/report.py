@@ -184,8 +184,10 @@ def pseudolabel_summaries(run_dir: Path, rows: list[dict]) -> dict[int, dict]:
 
 def _labeling_record(s: dict) -> dict:
     keys = ("images_seen", "images_kept_by_threshold", "images_after_balancing", "threshold", "per_class",
-            "temperature", "classes_without_images", "corrupt_skipped", "unreadable_shards")
+            "temperature", "classes_without_images", "corrupt_skipped", "unreadable_shards", "selection")
     out = {k: s.get(k) for k in keys}
+    if s.get("pool"):
+        out["pool"] = {k: s["pool"][k] for k in ("images", "method", "estimated_share", "predicted_share", "ood")}
     for name, a in (s.get("audit") or {}).items():
         out[f"audit_{name}"] = {k: a[k] for k in ("images", "accuracy", "kept_by_threshold", "after_balancing",
                                                   "ece")}
@@ -212,7 +214,10 @@ def pseudolabel_sections(run_dir: Path, labeling: dict[int, dict]) -> str:
                      f"{pct(a.get('after_balancing', {}).get('accuracy'))} |")
     for k, s in labeling.items():
         rel = os.path.relpath(pseudolabel_dir(run_dir, k), run_dir)
-        lines += ["", f"### Round {k}", "", f"![round {k} selection]({rel}/selection.png)", ""]
+        lines += ["", f"### Round {k}", ""]
+        lines += pool_lines(s) + [f"![round {k} selection]({rel}/selection.png)", ""]
+        if s.get("pool"):
+            lines += [f"![round {k}: the pool's classes and out-of-domain scores]({rel}/pool.png)", ""]
         for name, a in (s.get("audit") or {}).items():
             where = "data.unlabeled" if name == "unlabeled" else "data.audit (never trained on)"
             lines.append(f"- audit on {where}: {a['images']:,} images with a class, {pct(a['accuracy'])} right; "
@@ -220,6 +225,11 @@ def pseudolabel_sections(run_dir: Path, labeling: dict[int, dict]) -> str:
                          f"{pct(a['kept_by_threshold']['accuracy'])} right; after balancing "
                          f"{a['after_balancing']['images']:,}, {pct(a['after_balancing']['accuracy'])} right; "
                          f"teacher ECE {pct(a['ece'])}.")
+            o = a.get("out_of_domain")
+            if o:
+                lines.append(f"- of these, {o['images']:,} belong to no class ({pct(o['share'])}): the threshold kept "
+                             f"{o['kept_by_threshold']:,} of them; after balancing they are {o['after_balancing']:,} "
+                             f"({pct(o['share_after_balancing'])} of what the student sees).")
         cal = s.get("calibration")
         if cal:
             b, f = cal["before"], cal["after"]
@@ -235,7 +245,48 @@ def pseudolabel_sections(run_dir: Path, labeling: dict[int, dict]) -> str:
             lines.append(line + ".")
         if s.get("audit"):
             lines += ["", f"![round {k} pseudo-label audit]({rel}/audit.png)"]
+        if s.get("sheets"):
+            lines += ["", "What the teacher put in each class (per class: the most confident images it kept, the least "
+                      "confident, and those repeated most; captions: confidence or repeats), the images most likely "
+                      "out of domain (label, score) and a sample of those the selection dropped (label, confidence, "
+                      "why: thr = below the threshold, ood = out-of-domain filter, bal = balancing); "
+                      "`sheets/sheets.json` names every image:", ""]
+            lines += [f"![{sh['kind']}]({rel}/{sh['file']})" for sh in s["sheets"]]
     return "\n".join(lines) + "\n"
+
+
+def pool_lines(s: dict) -> list[str]:
+    """What a round's pool estimate says (a pseudolabel summary's `pool` and `selection`), in a few lines."""
+    pool = s.get("pool")
+    if not pool:
+        return []
+    ood, nc = pool["ood"], len(pool["estimated_share"])
+    if ood["cutoff"] is not None:
+        took = sorted(range(nc), key=lambda c: -ood["per_class_below"][c])[:3]
+        lines = [f"- out of domain: {ood['below_cutoff']:,} of {pool['images']:,} images "
+                 f"({pct(ood['share_below'])}) score below the {ood['score']} cut-off, which gives up "
+                 f"{100 * ood['quantile']:g}% of {ood['cutoff_from']}: at least {pct(ood['share_estimate'])} of the "
+                 "pool is out of domain. The teacher labeled them mostly as "
+                 + ", ".join(f"{c} ({ood['per_class_below'][c]:,})" for c in took) + "."]
+    else:
+        lines = ["- out of domain: not measured (no data.val to place the cut-off on; the contact sheet still shows "
+                 "the images with the lowest scores)."]
+    est, pred = pool["estimated_share"], pool["predicted_share"]
+    rare = sorted(range(nc), key=lambda c: est[c])[:3]
+    over = sorted(range(nc), key=lambda c: -(pred[c] / max(est[c], 1e-9)))[:3]
+    lines.append(f"- classes ({pool['method']} estimate; the teacher's own predictions in brackets): rarest "
+                 + ", ".join(f"{c} {pct(est[c])} ({pct(pred[c])})" for c in rare)
+                 + "; most over-predicted " + ", ".join(f"{c} {pct(est[c])} ({pct(pred[c])})" for c in over) + ".")
+    sel = s.get("selection") or {}
+    levers = [name for name, on in (("prior correction", sel.get("prior_correction")),
+                                    ("out-of-domain filter", (sel.get("ood") or {}).get("filter")),
+                                    (f"class quantile {sel.get('class_quantile')}", sel.get("class_quantile")),
+                                    (f"balance target {sel.get('balance_target')}",
+                                     sel.get("balance_target") not in (None, "uniform")),
+                                    (f"at most {sel.get('max_repeat')} repeats", sel.get("max_repeat"))) if on]
+    lines.append("- selection: " + (", ".join(levers) if levers else "the paper's (threshold and uniform balancing)")
+                 + ".")
+    return lines + [""]
 
 
 def per_class_section(path: Path, rows: list[dict], show: int = 10) -> str:

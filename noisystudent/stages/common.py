@@ -239,3 +239,17 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     log.info("%s: top-1 %.4f, top-5 %.4f on %d eval images", run.out, metrics["top1"], metrics["top5"],
              metrics["images"])
     return summary
+
+
+def class_names(cfg: DictConfig, num_classes: int) -> list[str] | None:
+    """Names from classes.json beside the labeled shards (written by stage=import), if there is one."""
+    labeled = cfg.data.get("labeled")
+    first = str(labeled if isinstance(labeled, str) else list(labeled)[0]) if labeled else ""
+    if not first or "://" in first or first.startswith("pipe:"):
+        return None
+    path = Path(first.split("{")[0]).parent / "classes.json"
+    if not path.exists():
+        return None
+    names = json.loads(path.read_text())
+    names = list(names) if isinstance(names, list) else [k for k, _ in sorted(names.items(), key=lambda kv: kv[1])]
+    return names if len(names) == num_classes else None

@@ -30,6 +30,7 @@ from ..models.build import MODEL_WEIGHTS, eval_img_size, load_exported_model
 from ..models.inference import fuse_batchnorm, relative_diff
 from ..reporting.report import markdown_table
 from ..rundir import SUMMARY, command_for_round, finished_models, read_summary
+from .common import class_names
 from .contract import Step, StepRun
 
 log = logging.getLogger(__name__)
@@ -83,20 +84,6 @@ def reads(cfg: DictConfig) -> dict:
         out["model (resolved)"] = {"round": chosen[0], "path": str(chosen[2]),
                                    "config_hash": read_summary(chosen[2]).get("config_hash")}
     return out
-
-
-def class_names(cfg: DictConfig, num_classes: int) -> list[str] | None:
-    """Names from classes.json beside the labeled shards (written by stage=import), if there is one."""
-    labeled = cfg.data.get("labeled")
-    first = str(labeled if isinstance(labeled, str) else list(labeled)[0]) if labeled else ""
-    if not first or "://" in first or first.startswith("pipe:"):
-        return None
-    path = Path(first.split("{")[0]).parent / "classes.json"
-    if not path.exists():
-        return None
-    names = json.loads(path.read_text())
-    names = list(names) if isinstance(names, list) else [k for k, _ in sorted(names.items(), key=lambda kv: kv[1])]
-    return names if len(names) == num_classes else None
 
 
 def inputs(cfg: DictConfig, s: ExportSettings) -> dict:

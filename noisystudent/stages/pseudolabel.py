@@ -23,7 +23,8 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import DATA_SPLIT_KEYS, positive_int, read_settings, round_number, worker_nice
-from ..data.labels import ERROR_SUFFIX, SUFFIX, LabelFile, label_paths, write_label_file
+from ..data.labels import ERROR_SUFFIX, SCORES, SUFFIX, LabelFile, LabelFiles, label_paths, write_label_file
+from ..data.shards import UNKNOWN_CLASS
 from ..data.streams import rank_shards
 from ..data.transforms import InputNormalizer, eval_resize_crop, eval_transform, model_norm
 from ..errors import ConfigError, DataError
@@ -32,13 +33,17 @@ from ..models.build import check_num_classes, eval_img_size, load_exported_model
 from ..models.inference import prepare
 from ..pseudolabels.audit import audit_label_files, plot_audits
 from ..pseudolabels.calibration import fit_temperature
+from ..pseudolabels.choose import Policy, check_policy, choose
 from ..pseudolabels.labeling import Decoding, run_model
-from ..pseudolabels.selection import HIST_BINS, Selection, class_statistics, select
+from ..pseudolabels.pool import PoolSettings, plot_pool
+from ..pseudolabels.selection import HIST_BINS, Selection, SelectionSettings, effective_thresholds
+from ..pseudolabels.sheets import SHEETS
+from ..pseudolabels.sheets import build as build_sheets
 from ..reporting.evaluation import evaluate
 from ..reporting.plots import pct, pyplot, save_png
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
 from ..training.engine import peak_device_memory_mib
-from .common import dali_eval, num_classes, shards
+from .common import class_names, dali_eval, num_classes, shards
 from .contract import Step, StepRun, main_decides
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,8 @@ SELECTION = "selection.json"
 CALIBRATION = "calibration.json"
 AUDIT_PLOT = "audit.png"
 AUDIT_LABELS = "audit"  # label files of data.audit's shards, beside labels/ (never read by the student)
+VAL_LABELS = "val"  # label files of data.val's shards: the pool estimate's held-out reference (never selected)
+POOL_PLOT = "pool.png"
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class LabelSettings:
     jpeg_draft: bool
     audit: bool  # read the unlabeled samples' cls (where present) to audit the pseudo-labels
     calibrate: bool
+    policy: Policy  # the selection's levers and the pool estimate's settings
+    sheets: tuple[int, int]  # contact sheets: images per panel, classes at most
 
 
 def settings(cfg: DictConfig) -> LabelSettings:
@@ -87,11 +96,23 @@ def settings(cfg: DictConfig) -> LabelSettings:
     if p.calibrate and float(p.temperature) != 1.0:
         raise ConfigError(f"pseudolabel.calibrate=true fits the temperature itself; pseudolabel.temperature="
                           f"{p.temperature} would be overridden: leave it at 1.0, or set calibrate=false")
+    if not isinstance(p.ood.filter, bool):
+        raise ConfigError(f"pseudolabel.ood.filter={p.ood.filter!r}: use true or false")
+    policy = Policy(SelectionSettings(float(p.threshold), bool(p.balance), p.per_class, p.balance_target,
+                                      p.max_repeat, p.class_quantile),
+                    PoolSettings(p.ood.score, p.ood.quantile, p.prior), p.prior_correction, p.ood.filter)
+    check_policy(policy)
     nc = num_classes(cfg)
     return LabelSettings(round_number(cfg), nc, float(p.threshold), min(int(p.topk), nc), float(p.temperature),
                          bool(p.hard), bool(p.balance), p.per_class, positive_int(cfg, "pseudolabel.batch_size"),
                          bool(p.strict_shards), bool(p.fuse_bn), bool(p.compile), str(p.decode),
-                         bool(p.jpeg_draft), bool(p.audit), bool(p.calibrate))
+                         bool(p.jpeg_draft), bool(p.audit), bool(p.calibrate), policy,
+                         (positive_int(cfg, "pseudolabel.sheets.images"),
+                          positive_int(cfg, "pseudolabel.sheets.classes")))
+
+
+POLICY_KEYS = ("pseudolabel.prior", "pseudolabel.prior_correction", "pseudolabel.ood", "pseudolabel.class_quantile",
+               "pseudolabel.balance_target", "pseudolabel.max_repeat", "pseudolabel.sheets")
 
 
 def reads(cfg: DictConfig) -> dict:
@@ -99,8 +120,9 @@ def reads(cfg: DictConfig) -> dict:
                                "pseudolabel.threshold", "pseudolabel.topk",
                                "pseudolabel.temperature", "pseudolabel.hard", "pseudolabel.balance",
                                "pseudolabel.per_class", "pseudolabel.decode", "pseudolabel.audit",
-                               "pseudolabel.calibrate", "data.audit", "data.loader",
-                               *(("data.calibration",) if cfg.pseudolabel.get("calibrate") else ())))
+                               "pseudolabel.calibrate", "data.audit", "data.loader", *POLICY_KEYS,
+                               *(("data.calibration",) if cfg.pseudolabel.get("calibrate") else ()),
+                               *(("data.val",) if cfg.data.get("val") else ())))
 
 
 def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
@@ -111,18 +133,26 @@ def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
     urls = shards(cfg, "unlabeled")
     out = pseudolabel_dir(cfg.run_dir, s.round)
     paths = label_paths(urls, out / "labels")
-    audit_urls = shards(cfg, "audit") if cfg.data.get("audit") else []
-    both = set(urls) & set(audit_urls)
-    if both:
-        raise ConfigError(f"data.audit and data.unlabeled share shard {sorted(both)[0]}: audit shards are never "
-                          "trained on, so they must be separate from the unlabeled ones")
-    audit_paths = label_paths(audit_urls, out / AUDIT_LABELS, "data.audit")
+    audit_urls, audit_paths = labeled_apart(cfg, "audit", urls, out / AUDIT_LABELS)
+    val_urls, val_paths = labeled_apart(cfg, "val", urls, out / VAL_LABELS)
     calibration = None
     if s.calibrate:
         key = "data.calibration" if cfg.data.get("calibration") else "data.eval"
         calibration = (key, shards(cfg, key.split(".")[1]))
     return {"model": model, "info": info, "urls": urls, "paths": paths, "audit_urls": audit_urls,
-            "audit_paths": audit_paths, "calibration": calibration}
+            "audit_paths": audit_paths, "val_urls": val_urls, "val_paths": val_paths, "calibration": calibration,
+            "class_names": class_names(cfg, s.num_classes)}
+
+
+def labeled_apart(cfg: DictConfig, name: str, unlabeled: list[str], folder: Path) -> tuple[list[str], dict]:
+    """The shards of data.<name> (audit, val: labeled, labeled by the teacher like the pool, never selected) and
+    their label files' paths under `folder`; none when the key is not set."""
+    urls = shards(cfg, name) if cfg.data.get(name) else []
+    both = set(unlabeled) & set(urls)
+    if both:
+        raise ConfigError(f"data.{name} and data.unlabeled share shard {sorted(both)[0]}: the shards of data.{name} "
+                          "are never trained on, so they must be separate from the unlabeled ones")
+    return urls, label_paths(urls, folder, f"data.{name}")
 
 
 def error_path(label_path: Path) -> Path:
@@ -135,7 +165,7 @@ def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNo
     """Label the shards in `todo` (this process's share), one label file per shard, adding to this process's
     counts in `stats`; audit_classes: keep the samples' cls in the label files."""
     p, cfg, accelerator = run.settings, run.cfg, run.accelerator
-    paths = {**run.inputs["paths"], **run.inputs["audit_paths"]}
+    paths = {**run.inputs["paths"], **run.inputs["audit_paths"], **run.inputs["val_paths"]}
     how = Decoding(p.decode, p.jpeg_draft, p.batch_size, int(cfg.num_workers), worker_nice(cfg, accelerator.device))
     temperature = run.inputs["temperature"]
     meta = {"num_classes": p.num_classes, "topk": p.topk, "temperature": temperature, "hard": p.hard}
@@ -153,10 +183,12 @@ def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNo
             write_json(error_path(paths[url]), {"shard": url, "error": done["error"]})
             continue
         extra = {}
-        if done["cls"] is not None and (done["cls"] >= 0).any():
+        if done["cls"] is not None and (done["cls"] != UNKNOWN_CLASS).any():
             extra["cls"] = done["cls"]
         if done["confidence_raw"] is not None:
             extra["confidence_raw"] = done["confidence_raw"]
+        for name in SCORES:  # a shard none of whose images decoded still gets (empty) scores: format 2
+            extra[name] = done[name] if done[name] is not None else np.zeros(0, np.float32)
         write_label_file(paths[url], url, done["keys"], done["topk_ids"], done["topk_probs"], done["confidence"],
                          done["argmax"], done["corrupt"], meta, extra)
         stats["images"] += len(done["keys"])
@@ -190,18 +222,24 @@ def work(run: StepRun) -> dict:
     cfg, accelerator, s = run.cfg, run.accelerator, run.settings
     model, info, urls, paths = (run.inputs[k] for k in ("model", "info", "urls", "paths"))
     audit_urls, audit_paths = run.inputs["audit_urls"], run.inputs["audit_paths"]
+    val_urls, val_paths = run.inputs["val_urls"], run.inputs["val_paths"]
     (run.out / "labels").mkdir(parents=True, exist_ok=True)
-    if audit_urls:
-        (run.out / AUDIT_LABELS).mkdir(parents=True, exist_ok=True)
+    for folder, extra in ((AUDIT_LABELS, audit_urls), (VAL_LABELS, val_urls)):
+        if extra:
+            (run.out / folder).mkdir(parents=True, exist_ok=True)
     mine = rank_shards(urls, accelerator.process_index, accelerator.num_processes)
     todo = [u for u in mine if not paths[u].exists()]
+    # the labeled sets labeled like the pool, never selected: the audit's and the held-out reference (data.val)
     audit_todo = [u for u in rank_shards(audit_urls, accelerator.process_index, accelerator.num_processes)
                   if not audit_paths[u].exists()]
+    audit_todo += [u for u in rank_shards(val_urls, accelerator.process_index, accelerator.num_processes)
+                   if not val_paths[u].exists()]
     if len(urls) < accelerator.num_processes:
         log.warning("%d unlabeled shards for %d processes: some processes have nothing to label", len(urls),
                     accelerator.num_processes)
     log.info("labeling %d of %d shards on this process (%d already labeled)%s", len(todo), len(mine),
-             len(mine) - len(todo), f", and {len(audit_todo)} audit shards" if audit_todo else "")
+             len(mine) - len(todo), f", and {len(audit_todo)} labeled shards of data.audit / data.val"
+             if audit_todo else "")
 
     img_size = eval_img_size(info)
     transform = eval_transform(img_size, cfg.data)
@@ -213,8 +251,8 @@ def work(run: StepRun) -> dict:
     calibration = calibrate(run, model, transform) if s.calibrate else None
     run.inputs["temperature"] = calibration["temperature"] if calibration else s.temperature
     mismatch = main_decides(accelerator, labeled_at_another_temperature(
-        [paths[u] for u in urls] + [audit_paths[u] for u in audit_urls], run.inputs["temperature"], s.calibrate)
-        if accelerator.is_main_process else None)
+        [paths[u] for u in urls] + [audit_paths[u] for u in audit_urls] + [val_paths[u] for u in val_urls],
+        run.inputs["temperature"], s.calibrate, s.policy.pool.score) if accelerator.is_main_process else None)
     if mismatch:
         raise ConfigError(mismatch)
     t0 = time.time()
@@ -241,23 +279,30 @@ def work(run: StepRun) -> dict:
     accelerator.wait_for_everyone()  # every label file is written
     if not accelerator.is_main_process:
         return {}
-    summary, selection = select_and_summarize(s, run.out, urls, paths, info, applied, labeled_now, wall,
+    summary, selection = select_and_summarize(s, run.out, run.inputs, info, applied, labeled_now, wall,
                                               accelerator.num_processes)
     summary["temperature"] = run.inputs["temperature"]  # the one the labels were made with
     return {**summary, **audit_and_calibration(s, run.out, selection, urls, paths, audit_urls, audit_paths,
                                                calibration)}
 
 
-def labeled_at_another_temperature(paths: list[Path], temperature: float, calibrated: bool) -> str | None:
+def labeled_at_another_temperature(paths: list[Path], temperature: float, calibrated: bool,
+                                   score: str = "msp") -> str | None:
     """Why the label files an earlier run of this step left cannot be kept, or None. One threshold cannot
-    serve confidences of two temperatures (a run killed with calibrate=false, rerun with calibrate=true)."""
+    serve confidences of two temperatures (a run killed with calibrate=false, rerun with calibrate=true), and a
+    file of an older version has no out-of-domain score (`score`, unless msp, which every file has)."""
     for p in paths:
         if p.exists():
-            made_at = float(LabelFile(p).meta.get("temperature", "nan"))
+            f = LabelFile(p)
+            made_at = float(f.meta.get("temperature", "nan"))
             if not math.isclose(made_at, temperature, rel_tol=1e-6):
                 now = "fitted by pseudolabel.calibrate" if calibrated else "pseudolabel.temperature"
                 return (f"label file {p} was made at temperature {made_at:g}, but this run labels at {temperature:g} "
                         f"({now}): one threshold cannot serve both. Rerun with force=true to label every shard again")
+            if score != "msp" and not f.has_scores:
+                return (f"label file {p} was made by an older version (label file format {f.format}) and has no "
+                        f"out-of-domain score ({score}): rerun with force=true to label every shard again with this "
+                        "version, or set pseudolabel.ood.score=msp")
     return None
 
 
@@ -292,7 +337,7 @@ def audit_and_calibration(s: LabelSettings, out: Path, selection: Selection, url
     sets = {"unlabeled": (urls, paths), "audit_set": (audit_urls, audit_paths)}
     audits = {}
     for name, (u, p) in sets.items():
-        files = [LabelFile(p[x]) for x in u if p[x].exists()]
+        files = LabelFiles([p[x] for x in u if p[x].exists()])
         found = audit_label_files(files, selection, s.num_classes) if files else None
         if found is not None:
             audits[name] = found
@@ -309,21 +354,24 @@ def audit_and_calibration(s: LabelSettings, out: Path, selection: Selection, url
 
 
 
-def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied, labeled_now, wall,
+def select_and_summarize(s: LabelSettings, out: Path, inp: dict, info, applied, labeled_now, wall,
                          processes) -> tuple[dict, Selection]:
-    """Main process: the selection from every label file, selection.json and .png; the step's summary and
-    the selection (the audit weighs each image by it)."""
+    """Main process: what is in the pool and the selection, from every label file (choose.py); selection.json,
+    selection.png, pool.png and the contact sheets; the step's summary and the selection (the audit weighs each
+    image by it)."""
     nc = s.num_classes
+    urls, paths = inp["urls"], inp["paths"]
     unreadable = {}
     for u in urls:
         err = error_path(paths[u])
         if not paths[u].exists() and err.exists():
             unreadable[u] = read_json(err)["error"]
-    files = [LabelFile(paths[u]) for u in urls if paths[u].exists()]
-    for f in files:
+    # opened one at a time, pass after pass: memory does not grow with the number of label files
+    files = LabelFiles([paths[u] for u in urls if paths[u].exists()])
+    reference = LabelFiles([inp["val_paths"][u] for u in inp["val_urls"] if inp["val_paths"][u].exists()])
+    for f in LabelFiles(files.paths + reference.paths):
         check_num_classes(f.num_classes, nc, f"label file {f.path}", "rerun with force=true")
-    stats = class_statistics(files, nc, s.threshold)
-    sel = select(files, nc, s.threshold, s.balance, s.per_class, stats)
+    sel, pool, stats = choose(files, reference, nc, s.policy)
     sel_json = sel.to_json()
     empty = [c for c in range(nc) if sel_json["counts_before"][c] == 0]
     if empty:
@@ -331,6 +379,7 @@ def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied
                     s.threshold)
     write_json(out / SELECTION, {**sel_json, "hard": s.hard, "num_classes": nc})
     corrupt = sum(int(f.meta.get("corrupt", 0)) for f in files)
+    plot = pool.pop("_plot")
     summary = {
         "round": s.round,
         "teacher": info,
@@ -340,6 +389,7 @@ def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied
         "unreadable_shards": unreadable,
         "images_seen": int(stats["seen"]),
         "corrupt_skipped": corrupt,
+        "images_above_threshold": int(stats["above_threshold"].sum()),
         "images_kept_by_threshold": int(sum(sel_json["counts_before"])),
         "images_after_balancing": int(sum(sel_json["counts_after"])),
         "classes_without_images": empty,
@@ -348,8 +398,11 @@ def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied
         "counts_before": sel_json["counts_before"],
         "counts_after": sel_json["counts_after"],
         "repeat_factor": sel_json["repeat_factor"],
-        "per_class_threshold": _per_class_threshold(stats["hist"], sel_json, s.threshold),
+        "per_class_threshold": effective_thresholds(sel),
         "confidence_histogram": stats["hist"].sum(axis=0).tolist(),
+        "selection": {k: sel_json[k] for k in ("prior", "prior_correction", "ood", "class_quantile",
+                                                "balance_target", "max_repeat", "class_weights")},
+        "pool": pool,
         "images_labeled_this_run": labeled_now,
         "images_per_sec": labeled_now / wall if wall > 0 and labeled_now else None,
         "wall_s": wall,
@@ -357,24 +410,22 @@ def select_and_summarize(s: LabelSettings, out: Path, urls, paths, info, applied
         "topk": s.topk, "temperature": s.temperature, "hard": s.hard,
     }
     plot_selection(out, stats["hist"], sel_json, s.threshold)
-    log.info("pseudo-labels: %d images seen, %d kept by threshold %.2f, %d after balancing (N=%s)",
+    plot_pool(out / POOL_PLOT, {**pool, "_plot": plot}, inp["class_names"])
+    summary["sheets"] = build_sheets(files, sel, nc, out, s.sheets[0], s.sheets[1], inp["class_names"])["sheets"]
+    summary["sheets"] = [{k: v for k, v in sheet.items() if k != "tiles"} for sheet in summary["sheets"]]
+    ood = pool["ood"]
+    log.info("pool: %d images; %s; classes as estimated (%s): %s", pool["images"],
+             f"{ood['below_cutoff']:,} below the {ood['score']} cut-off of {ood['cutoff_from']}, at least "
+             f"{100 * ood['share_estimate']:.1f}% out of domain" if ood["cutoff"] is not None
+             else "no data.val: no out-of-domain cut-off", pool["method"],
+             " ".join(f"{100 * x:.1f}%" for x in pool["estimated_share"][:20]))
+    log.info("pseudo-labels: %d images seen, %d kept by threshold %.2f%s, %d after balancing (N=%s)",
              summary["images_seen"], summary["images_kept_by_threshold"], s.threshold,
-             summary["images_after_balancing"], sel_json["per_class"])
+             " and the out-of-domain filter" if s.policy.ood_filter else "", summary["images_after_balancing"],
+             sel_json["per_class"])
     return summary, sel
 
 
-def _per_class_threshold(hist: np.ndarray, sel: dict, threshold: float) -> list[float]:
-    """The effective confidence cut of each class: the threshold, or higher where balancing keeps only the
-    N most confident (read off the cut score's confidence bits)."""
-    out = []
-    for c, cut in enumerate(sel["cut_score"]):
-        if sel["base_repeat"][c] == 0 and sel["counts_before"][c] and cut < 2**64:
-            conf = np.array([cut >> 32], dtype=np.uint32).view(np.float32)[0]
-            out.append(max(threshold, float(conf)))
-        else:
-            out.append(threshold)
-    return out
-
-
 STEP = Step("pseudolabel", settings, reads, inputs, work, out_dir=lambda cfg: pseudolabel_dir(cfg.run_dir, cfg.round),
-            outputs=("labels", AUDIT_LABELS, SELECTION, "selection.png", AUDIT_PLOT, CALIBRATION), per_round=True)
+            outputs=("labels", AUDIT_LABELS, VAL_LABELS, SELECTION, "selection.png", AUDIT_PLOT, CALIBRATION, POOL_PLOT,
+                     SHEETS), per_round=True)

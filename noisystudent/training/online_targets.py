@@ -6,7 +6,9 @@ Offline (the paper's Noisy Student): the teacher labels each unlabeled image onc
 the student learns those fixed targets under RandAugment, so a crop that cut the object away still
 carries the full image's label. Online: the teacher, frozen and in eval mode (no dropout or stochastic
 depth), runs on the student's augmented batch, and its softmax is the target. The selection (which images,
-how many times: threshold and class balancing) is still the offline one, from the label files.
+how many times: threshold and class balancing) is still the offline one, from the label files, and where that
+selection corrected the teacher's probabilities for the pool's class prior, the online ones are corrected by the
+same class weights.
 
 Costs one more forward pass of the teacher per step (no backward), and the teacher's weights in memory."""
 
@@ -19,11 +21,14 @@ from ..data.transforms import model_norm
 
 class OnlineTargets:
     """Teacher probabilities for a batch normalized for the student. `temperature` and `hard` as
-    pseudolabel.temperature / pseudolabel.hard (one-hot of the teacher's top class)."""
+    pseudolabel.temperature / pseudolabel.hard (one-hot of the teacher's top class); `class_weights`: the
+    selection's prior correction (p(c|x) w_c, renormalised), or None."""
 
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, accelerator, temperature: float,
-                 hard: bool):
+                 hard: bool, class_weights=None):
         self.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        self.weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32,
+                                                                       device=accelerator.device)
         self.accelerator, self.temperature, self.hard = accelerator, float(temperature), bool(hard)
         # the batch arrives normalized with the student's mean/std: x_teacher = x * a + b gives the teacher's
         (sm, ss), (tm, ts) = model_norm(student), model_norm(teacher)
@@ -41,6 +46,9 @@ class OnlineTargets:
         with self.accelerator.autocast():
             logits = self.teacher(images)
         probs = torch.softmax(logits.float() / self.temperature, dim=1)
+        if self.weights is not None:
+            probs = probs * self.weights
+            probs = probs / probs.sum(dim=1, keepdim=True)
         if self.hard:
             return torch.nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).float()
         return probs
