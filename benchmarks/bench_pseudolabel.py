@@ -6,6 +6,8 @@ Run by hand (not a test). Two regimes:
 
     python benchmarks/bench_pseudolabel.py --regime compute
     python benchmarks/bench_pseudolabel.py --regime decode --timm-inference /path/to/timm/inference.py
+    python benchmarks/bench_pseudolabel.py --regime tiny --ours-only 5 --workdir /tmp/bl   # ours alone, 5 times
+    PYTHONPATH=/path/to/other/checkout python benchmarks/bench_pseudolabel.py ...   # another version's stage
 
 Every method labels the same JPEG bytes with the same randomly initialised model and batch size:
   forward        model(x) + softmax on ready tensors, nothing else: the limit (the better of NCHW and
@@ -38,6 +40,9 @@ from PIL import Image
 REGIMES = {
     "compute": {"model": "efficientnet_b0", "img_size": 224, "src": (500, 375), "images": 512, "batch": 32},
     "decode": {"model": "test_efficientnet", "img_size": 64, "src": (1024, 768), "images": 2048, "batch": 64},
+    # the benchmarks' own case (Fashion-MNIST, the digits): a tiny model on tiny images, where what labeling does
+    # per image besides the forward (the out-of-domain scores, the label files) weighs the most
+    "tiny": {"model": "test_efficientnet", "img_size": 32, "src": (32, 32), "images": 8192, "batch": 128},
 }
 
 
@@ -147,6 +152,8 @@ def main():
     ap.add_argument("--memory", action="store_true", help="peak RSS with S and 10 x S shards (separate processes)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ours-only", type=int, metavar="N", help="measure only ours (the default levers), N times, and "
+                    "print the images/s of each: e.g. two versions of the stage side by side (PYTHONPATH)")
     ap.add_argument("pattern", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()
     r = REGIMES[args.regime]
@@ -167,6 +174,14 @@ def main():
     if args.only_ours:  # used by --memory: one stage run in a fresh process, then its peak RSS
         bench_ours(work / "run_mem", args.pattern, r["batch"], args.workers, True)
         print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+    if args.ours_only:
+        import noisystudent
+
+        rates = [bench_ours(run_dir, pattern, r["batch"], args.workers, True)["images_per_sec"]
+                 for _ in range(args.ours_only)]
+        print(json.dumps({"regime": args.regime, "package": str(Path(noisystudent.__file__).parent),
+                          "images_per_sec": rates, "median": float(np.median(rates))}))
         return
 
     from timm.data import create_transform
