@@ -119,6 +119,8 @@ def protocol_shards(src: Path, out: Path, a, rho: float | None, ratio: float | N
     info = {"source": str(src), "protocol": a.protocol, "classes": p["classes"], "split_seed": a.split_seed}
     data = write_sets(base, {name: ("test" if name == "eval" else "train", p[name], p[f"{name}_cls"])
                              for name in ("labeled", "val", "eval", "full")}, images, **info)
+    # the class names beside the labeled shards, as stage=import writes them: the report and its sheets show them
+    (base / "classes.json").write_text(json.dumps([protocols.NAMES[c] for c in p["classes"]]))
     tag = protocols.pool_tag(a.protocol, rho, ratio, a.pool_size)
     pool = write_sets(base / f"pool-{tag}", {"unlabeled": ("train", p["pool"], p["pool_cls"])}, images,
                       pool_counts=p["pool_counts"], **info)

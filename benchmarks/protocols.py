@@ -28,6 +28,7 @@ PROTOCOLS = ("open-set", "long-tail")
 # near the known ones (coat and shirt look like pullover and T-shirt; sneaker and ankle boot like sandal): the
 # hard case for an out-of-domain score, and the one the users meet.
 KNOWN = (0, 1, 2, 3, 5, 8)
+NAMES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 RHOS = (0.0, 0.25, 0.5, 0.75)
 RATIOS = (1.0, 10.0, 100.0)
 

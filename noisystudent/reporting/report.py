@@ -251,7 +251,8 @@ def pseudolabel_sections(run_dir: Path, labeling: dict[int, dict]) -> str:
                       "out of domain (label, score) and a sample of those the selection dropped (label, confidence, "
                       "why: thr = below the threshold, ood = out-of-domain filter, bal = balancing); "
                       "`sheets/sheets.json` names every image:", ""]
-            lines += [f"![{sh['kind']}]({rel}/{sh['file']})" for sh in s["sheets"]]
+            for sh in s["sheets"]:
+                lines += [f"![{sh['kind']}]({rel}/{sh['file']})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -273,10 +274,14 @@ def pool_lines(s: dict) -> list[str]:
                  "the images with the lowest scores)."]
     est, pred = pool["estimated_share"], pool["predicted_share"]
     rare = sorted(range(nc), key=lambda c: est[c])[:3]
-    over = sorted(range(nc), key=lambda c: -(pred[c] / max(est[c], 1e-9)))[:3]
+    # the classes the teacher predicts at least 1.2 times as often as they are estimated to occur: where the
+    # paper's selection repeats wrong labels
+    over = [c for c in sorted(range(nc), key=lambda c: -(pred[c] / max(est[c], 1e-9)))[:3]
+            if pred[c] >= 1.2 * est[c]]
     lines.append(f"- classes ({pool['method']} estimate; the teacher's own predictions in brackets): rarest "
-                 + ", ".join(f"{c} {pct(est[c])} ({pct(pred[c])})" for c in rare)
-                 + "; most over-predicted " + ", ".join(f"{c} {pct(est[c])} ({pct(pred[c])})" for c in over) + ".")
+                 + ", ".join(f"{c} {pct(est[c])} ({pct(pred[c])})" for c in rare) + "; "
+                 + ("over-predicted by 20% or more: " + ", ".join(f"{c} {pct(est[c])} ({pct(pred[c])})" for c in over)
+                    if over else "no class over-predicted by 20% or more") + ".")
     sel = s.get("selection") or {}
     levers = [name for name, on in (("prior correction", sel.get("prior_correction")),
                                     ("out-of-domain filter", (sel.get("ood") or {}).get("filter")),
