@@ -264,11 +264,18 @@ def run_protocol(a) -> None:
         pools.append(protocol_shards(Path(a.src), a.out, a, rho, ratio))
     every = {}
     for pool in pools:
-        every[pool["tag"]] = {"name": f"{a.name or tag}-{pool['tag']}", "protocol": a.protocol, "pool": pool["tag"],
+        name = f"{a.name or tag}-{pool['tag']}"
+        every[pool["tag"]] = {"name": name, "protocol": a.protocol, "pool": pool["tag"],
                               "pool_counts": pool["pool_counts"], "classes": pool["classes"],
                               "labels_per_class": a.labels_per_class, "rounds": a.rounds,
                               "student_epochs": a.student_epochs, "overrides": a.overrides,
                               "reused": a.reuse and a.reuse_steps, "seeds": {}, "supervised": {}}
+        earlier = a.out / f"results-{name}.json"  # seeds run by an earlier call of the same configuration stay
+        if earlier.exists():
+            old = json.loads(earlier.read_text())
+            if all(old.get(k) == every[pool["tag"]][k] for k in ("rounds", "student_epochs", "overrides")):
+                every[pool["tag"]]["seeds"].update({int(k): v for k, v in old["seeds"].items()})
+                every[pool["tag"]]["supervised"].update({int(k): v for k, v in old["supervised"].items()})
     for seed in a.seeds:
         first = None
         for pool in pools:

@@ -347,3 +347,11 @@ def test_the_contact_sheets_show_the_images_the_label_files_name(foreign_run):
 
     text = pseudolabel_sections(out.parents[1], {1: s})
     assert "sheets/classes-1.png" in text and "sheets/out_of_domain.png" in text and "at least" in text
+
+
+def test_an_empty_pool_is_estimated_without_failing(tail_pool):
+    _, val_files = tail_pool
+    ref = reference_from_files(val_files, C, PoolSettings(), "data.val")
+    est = estimate([], C, PoolSettings(), ref)
+    assert est["images"] == 0 and np.allclose(est["estimated_share"], 1 / C) and est["ood"]["below_cutoff"] == 0
+    assert est["ood"]["share_estimate"] is None

@@ -101,6 +101,8 @@ def confusion_prior(confusion: np.ndarray, predicted: np.ndarray, iterations: in
     class) from the confusion counts, each class's column lightly smoothed toward uniform so a class the reference
     never confused still explains what it may), by the EM's multiplicative updates (pi stays a distribution)."""
     c = confusion.shape[0]
+    if predicted.sum() == 0:  # no image to explain (every shard unreadable, or all below the cut-off)
+        return np.full(c, 1.0 / c)
     n = confusion.sum(axis=0).astype(np.float64)
     m = (confusion + 0.5 / c) / (n + 0.5)[None, :]
     q = predicted.astype(np.float64) / max(predicted.sum(), 1)
@@ -193,7 +195,7 @@ def estimate(files: list[LabelFile], num_classes: int, s: PoolSettings, referenc
            "cutoff_from": None if reference is None else reference.source,
            "below_cutoff": below_total if cut is not None else None,
            "share_below": below_total / total if cut is not None and total else None,
-           "per_class_below": below_by_class.tolist() if cut is not None else None}
+           "per_class_below": below_by_class.tolist() if cut is not None else None, "share_estimate": None}
     if cut is not None and total:
         b, q = below_total / total, float(s.quantile)
         ood["share_estimate"] = max(0.0, (b - q) / (1.0 - q))
@@ -210,7 +212,7 @@ def estimate(files: list[LabelFile], num_classes: int, s: PoolSettings, referenc
 def plot_pool(path, pool: dict, class_names: list[str] | None = None) -> None:
     """pool.png: the pool's classes as the teacher predicted them and as estimated, and the out-of-domain score of
     the pool against the reference's, with the cut-off."""
-    from ..reporting.plots import pyplot, save_png
+    from ..reporting.plots import pct, pyplot, save_png
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), dpi=110)
@@ -236,8 +238,8 @@ def plot_pool(path, pool: dict, class_names: list[str] | None = None) -> None:
     if ood["cutoff"] is not None:
         b.axvline(ood["cutoff"], color="r", ls="--",
                   label=f"cut-off ({100 * ood['quantile']:g}% of {ood['cutoff_from']})")
-        title = (f"{100 * ood['share_below']:.1f}% of the pool below the cut-off: at least "
-                 f"{100 * ood['share_estimate']:.1f}% out of domain")
+        title = (f"{pct(ood['share_below'])} of the pool below the cut-off: at least {pct(ood['share_estimate'])} "
+                 "out of domain")
     else:
         title = "no held-out set (data.val): no cut-off"
     b.set_title(title, fontsize=8)

@@ -416,7 +416,7 @@ def select_and_summarize(s: LabelSettings, out: Path, inp: dict, info, applied, 
     ood = pool["ood"]
     log.info("pool: %d images; %s; classes as estimated (%s): %s", pool["images"],
              f"{ood['below_cutoff']:,} below the {ood['score']} cut-off of {ood['cutoff_from']}, at least "
-             f"{100 * ood['share_estimate']:.1f}% out of domain" if ood["cutoff"] is not None
+             f"{pct(ood['share_estimate'])} out of domain" if ood["cutoff"] is not None
              else "no data.val: no out-of-domain cut-off", pool["method"],
              " ".join(f"{100 * x:.1f}%" for x in pool["estimated_share"][:20]))
     log.info("pseudo-labels: %d images seen, %d kept by threshold %.2f%s, %d after balancing (N=%s)",
