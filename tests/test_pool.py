@@ -12,7 +12,7 @@ import pytest
 from conftest import FAST, make_cfg, run
 from PIL import Image
 
-from noisystudent.data.labels import LabelFile, write_label_file
+from noisystudent.data.labels import LabelFile, soft_targets, write_label_file
 from noisystudent.data.shards import image_bytes
 from noisystudent.data.streams import JoinPseudoLabels
 from noisystudent.data.writer import encode_png, write_shard
@@ -122,19 +122,31 @@ def test_the_prior_correction_makes_the_rare_classes_labels_right(tail_pool):
         assert after["per_class"]["precision_after_balancing"][c] >= 0.5
     assert after["after_balancing"]["accuracy"] > before["after_balancing"]["accuracy"] + 0.05
     assert after["uncorrected_accuracy"] == pytest.approx(before["accuracy"])
-    # the selection records what it applied, and the student's targets follow the corrected labels
+    # the selection records what it applied; the soft targets stay the teacher's (prior_targets=false), a hard
+    # target is the label the selection gave
     j = sel.to_json()
     assert j["prior_correction"] and j["prior"] == "confusion" and len(j["class_weights"]) == C
+    assert j["prior_targets"] is False
     again = Selection.from_json(j)
     f = pool_files[0]
     r = again.rows(f)
     assert np.array_equal(r.repeats, sel.rows(f).repeats)
     keep = np.flatnonzero(r.repeats)
-    ids, probs, rest = again.target_arrays(f, r)
-    t = again.targets_from(ids[keep], probs[keep], rest[keep], C, hard=False)
-    assert np.allclose(t.sum(1), 1, atol=1e-5) and np.array_equal(t.argmax(1), r.argmax[keep])
-    hard = again.targets_from(ids[keep], probs[keep], rest[keep], C, hard=True)
+    ids, probs, rest, label = again.target_arrays(f, r)
+    t = again.targets_from(ids[keep], probs[keep], rest, label[keep], C, hard=False)
+    assert np.array_equal(t, soft_targets(f["topk_ids"][keep], f["topk_probs"][keep], C, hard=False))
+    hard = again.targets_from(ids[keep], probs[keep], rest, label[keep], C, hard=True)
     assert np.array_equal(hard.argmax(1), r.argmax[keep]) and np.all(hard.sum(1) == 1)
+    assert (hard.argmax(1) != f["argmax"][keep]).any()  # the correction moved some labels
+    # with prior_targets=true the soft targets are the corrected probabilities: their top class is the label
+    both = choose(pool_files, val_files, C, Policy(SelectionSettings(0.3), PoolSettings(), True, False, True))[0]
+    r = both.rows(f)
+    keep = np.flatnonzero(r.repeats)
+    ids, probs, rest, label = both.target_arrays(f, r)
+    t = both.targets_from(ids[keep], probs[keep], rest[keep], label[keep], C, hard=False)
+    assert np.allclose(t.sum(1), 1, atol=1e-5) and np.array_equal(t.argmax(1), r.argmax[keep])
+    # a selection.json of the version that always corrected the targets (no prior_targets key) still does
+    assert Selection.from_json({k: v for k, v in both.to_json().items() if k != "prior_targets"}).corrects_targets
 
 
 def test_unit_weights_change_nothing_but_rounding(tail_pool):
@@ -228,14 +240,16 @@ def test_older_label_files_and_selections_still_read(tmp_path, tail_pool):
     assert np.array_equal(Selection.from_json(older).repeats(lf), sel.repeats(lf))
 
 
-def test_the_dali_tables_targets_are_the_torch_paths(tail_pool, tmp_path):
-    """With a prior correction the student's targets are made from corrected probabilities: the DALI path's table
-    (data/dali.py) gives the torch path's (JoinPseudoLabels), row for row."""
+@pytest.mark.parametrize("prior_targets", [False, True])
+def test_the_dali_tables_targets_are_the_torch_paths(tail_pool, tmp_path, prior_targets):
+    """With a prior correction the student's targets are made from the selection's labels (and corrected
+    probabilities): the DALI path's table (data/dali.py) gives the torch path's (JoinPseudoLabels), row for row."""
     from noisystudent.data.dali import SampleTable, pseudo_labeled_index
     from noisystudent.data.dali_index import ShardRecord
 
     pool_files, val_files = tail_pool
-    sel = choose(pool_files, val_files, C, Policy(SelectionSettings(0.3), PoolSettings(), True, False))[0]
+    sel = choose(pool_files, val_files, C, Policy(SelectionSettings(0.3), PoolSettings(), True, False,
+                                                  prior_targets))[0]
     f = pool_files[0]
     url = f.meta["shard"]
     n = len(f.keys())  # a record as the index pass would make it (its offsets are all the join needs)

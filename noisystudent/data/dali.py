@@ -475,7 +475,7 @@ def pseudo_labeled_index(records: dict[str, ShardRecord], urls: list[str], label
 
     mine, _, _ = rank_split(kept(records, urls), rank, world)
     folder = Path(out_dir) / f"process{rank}"
-    index_files, ids, probs, rests, listed, hard = {}, [], [], [], 0, False
+    index_files, ids, probs, rests, labels, listed, hard = {}, [], [], [], [], 0, False
     for url in mine:
         rec, f = records[url], LabelFile(label_files[url])
         r = selection.rows(f)
@@ -487,21 +487,23 @@ def pseudo_labeled_index(records: dict[str, ShardRecord], urls: list[str], label
             continue
         index_files[url] = folder / f"{record_stem(url)}.idx"
         listed += write_dali_index(index_files[url], rec, reps)
-        f_ids, f_probs, f_rest = selection.target_arrays(f, r)
+        f_ids, f_probs, f_rest, f_label = selection.target_arrays(f, r)
         k = f_ids.shape[1]
         ids.append(np.where(row[:, None] >= 0, f_ids[np.maximum(row, 0)], 0).astype(np.int64).reshape(-1, k))
         # float16 as the label file keeps them, so the targets are those of the torch path, bit for bit
         probs.append(np.where(row[:, None] >= 0, f_probs[np.maximum(row, 0)], 0).astype(f_probs.dtype).reshape(-1, k))
         if f_rest is not None:
             rests.append(np.where(row >= 0, f_rest[np.maximum(row, 0)], 0).astype(np.float32))
+        labels.append(np.where(row >= 0, f_label[np.maximum(row, 0)], 0).astype(np.int64))
         hard = f.hard
     all_ids = np.concatenate(ids) if ids else np.zeros((0, 1), np.int64)
     all_probs = np.concatenate(probs) if probs else np.zeros((0, 1), np.float32)
     all_rest = np.concatenate(rests) if rests else None
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
     def fill(table: SampleTable) -> None:
         table.targets = lambda rows: selection.targets_from(all_ids[rows], all_probs[rows],
                                                             None if all_rest is None else all_rest[rows],
-                                                            num_classes, hard)
+                                                            all_labels[rows], num_classes, hard)
 
     return index_files, fill, listed

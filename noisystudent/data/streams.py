@@ -140,9 +140,9 @@ class JoinPseudoLabels:
         r = self.selection.rows(f)
         rep = r.repeats
         keep = np.flatnonzero(rep)
-        ids, probs, rest = self.selection.target_arrays(f, r)
+        ids, probs, rest, label = self.selection.target_arrays(f, r)
         targets = self.selection.targets_from(ids[keep], probs[keep], None if rest is None else rest[keep],
-                                              self.num_classes, f.hard)
+                                              label[keep], self.num_classes, f.hard)
         keys = f.keys()
         return {keys[i]: (int(rep[i]), torch.from_numpy(targets[j])) for j, i in enumerate(keep)}
 

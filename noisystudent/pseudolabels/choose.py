@@ -23,11 +23,14 @@ class Policy:
     prior_correction: bool | str  # the teacher's probabilities corrected for the pool's estimated prior; auto: where
     # there is a held-out reference (the estimate is then the confusion-corrected one)
     ood_filter: bool  # images below the out-of-domain cut-off dropped
+    prior_targets: bool = False  # the soft targets corrected too (else only which images carry which label)
 
 
 def check_policy(p: Policy) -> None:
     check_settings(p.selection)
     check_pool_settings(p.pool)
+    if not isinstance(p.prior_targets, bool):
+        raise ConfigError(f"pseudolabel.prior_targets={p.prior_targets!r}: use true or false")
     if p.prior_correction not in (True, False, "auto"):
         raise ConfigError(f"pseudolabel.prior_correction={p.prior_correction!r}: use auto (on where data.val is set), "
                           "true or false")
@@ -56,5 +59,6 @@ def choose(files: list[LabelFile], reference_files: list[LabelFile], num_classes
     stats = class_statistics(files, num_classes, reading)
     sel = select(files, num_classes, policy.selection, stats=stats, reading=reading, prior=prior)
     sel.settings["prior_correction"] = correct
+    sel.settings["prior_targets"] = bool(policy.prior_targets)
     sel.settings["prior"] = pool["method"]
     return sel, pool, stats

@@ -167,31 +167,41 @@ class Selection:
         """Times each image of the label file appears in the student's stream (0 = dropped)."""
         return self.rows(f).repeats
 
-    def target_arrays(self, f: LabelFile, r: Rows | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(top-k ids, top-k probabilities, mass outside them) of every image of the file, as the targets are made
-        from them (`targets_from`): the file's own, or corrected like the selection read them."""
-        if self.weights is None:
-            return f["topk_ids"], f["topk_probs"], None
-        r = r or self.reading.rows(f)
-        return r.topk_ids, r.topk_probs, r.rest
+    @property
+    def corrects_targets(self) -> bool:
+        """Whether the soft targets are the corrected probabilities too (pseudolabel.prior_targets), not only
+        which images carry which label."""
+        return self.weights is not None and bool(self.settings.get("prior_targets", True))
 
-    def targets_from(self, ids: np.ndarray, probs: np.ndarray, rest: np.ndarray | None, num_classes: int,
-                     hard: bool) -> np.ndarray:
-        """[n, C] soft (or hard) targets from rows of `target_arrays`. Without a correction, the label file's soft
-        targets (labels.soft_targets); with one, the corrected top-k, and the mass outside it spread over the other
-        classes in proportion to their weights."""
+    def target_arrays(self, f: LabelFile, r: Rows | None = None) -> tuple[np.ndarray, ...]:
+        """(top-k ids, top-k probabilities, mass outside them or None, label) of every image of the file, as the
+        targets are made from them (`targets_from`): the file's own top-k, or corrected like the selection read
+        them (prior_targets); `label` is the class the selection gave the image (a hard target's)."""
+        if self.weights is None:
+            return f["topk_ids"], f["topk_probs"], None, f["argmax"].astype(np.int64)
+        r = r or self.reading.rows(f)
+        if self.corrects_targets:
+            return r.topk_ids, r.topk_probs, r.rest, r.argmax
+        return f["topk_ids"], f["topk_probs"], None, r.argmax
+
+    def targets_from(self, ids: np.ndarray, probs: np.ndarray, rest: np.ndarray | None, label: np.ndarray,
+                     num_classes: int, hard: bool) -> np.ndarray:
+        """[n, C] soft (or hard) targets from rows of `target_arrays`. A hard target is the one-hot of the label the
+        selection gave. A soft one is the label file's (labels.soft_targets), or with corrected targets the
+        corrected top-k, and the mass outside it spread over the other classes in proportion to their weights."""
         from ..data.labels import soft_targets
 
-        if self.weights is None:
-            return soft_targets(ids, probs, num_classes, hard)
         n = len(ids)
+        if hard:
+            out = np.zeros((n, num_classes), dtype=np.float32)
+            out[np.arange(n), label] = 1.0
+            return out
+        if rest is None:
+            return soft_targets(ids, probs, num_classes, hard)
         out = np.zeros((n, num_classes), dtype=np.float32)
         if n == 0:
             return out
         rows = np.arange(n)
-        if hard:
-            out[rows, ids[rows, probs.argmax(axis=1)]] = 1.0
-            return out
         w = np.broadcast_to(self.weights.astype(np.float32), (n, num_classes)).copy()
         w[rows[:, None], ids] = 0.0
         denom = w.sum(axis=1, keepdims=True)
@@ -235,7 +245,8 @@ class Selection:
                    weights=None if weights is None else np.array(weights, dtype=np.float32),
                    ood=d.get("ood"), class_cut=None if d.get("class_cut_score") is None else
                    [int(c) for c in d["class_cut_score"]],
-                   settings={k: d[k] for k in ("balance_target", "max_repeat", "class_quantile", "prior") if k in d})
+                   settings={k: d[k] for k in ("balance_target", "max_repeat", "class_quantile", "prior",
+                                               "prior_correction", "prior_targets") if k in d})
 
 
 @dataclass(frozen=True)

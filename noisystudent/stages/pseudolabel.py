@@ -100,7 +100,8 @@ def settings(cfg: DictConfig) -> LabelSettings:
         raise ConfigError(f"pseudolabel.ood.filter={p.ood.filter!r}: use true or false")
     policy = Policy(SelectionSettings(float(p.threshold), bool(p.balance), p.per_class, p.balance_target,
                                       p.max_repeat, p.class_quantile),
-                    PoolSettings(p.ood.score, p.ood.quantile, p.prior), p.prior_correction, p.ood.filter)
+                    PoolSettings(p.ood.score, p.ood.quantile, p.prior), p.prior_correction, p.ood.filter,
+                    p.prior_targets)
     check_policy(policy)
     nc = num_classes(cfg)
     return LabelSettings(round_number(cfg), nc, float(p.threshold), min(int(p.topk), nc), float(p.temperature),
@@ -111,8 +112,9 @@ def settings(cfg: DictConfig) -> LabelSettings:
                           positive_int(cfg, "pseudolabel.sheets.classes")))
 
 
-POLICY_KEYS = ("pseudolabel.prior", "pseudolabel.prior_correction", "pseudolabel.ood", "pseudolabel.class_quantile",
-               "pseudolabel.balance_target", "pseudolabel.max_repeat", "pseudolabel.sheets")
+POLICY_KEYS = ("pseudolabel.prior", "pseudolabel.prior_correction", "pseudolabel.prior_targets", "pseudolabel.ood",
+               "pseudolabel.class_quantile", "pseudolabel.balance_target", "pseudolabel.max_repeat",
+               "pseudolabel.sheets")
 
 
 def reads(cfg: DictConfig) -> dict:
@@ -400,7 +402,7 @@ def select_and_summarize(s: LabelSettings, out: Path, inp: dict, info, applied, 
         "repeat_factor": sel_json["repeat_factor"],
         "per_class_threshold": effective_thresholds(sel),
         "confidence_histogram": stats["hist"].sum(axis=0).tolist(),
-        "selection": {k: sel_json[k] for k in ("prior", "prior_correction", "ood", "class_quantile",
+        "selection": {k: sel_json[k] for k in ("prior", "prior_correction", "prior_targets", "ood", "class_quantile",
                                                 "balance_target", "max_repeat", "class_weights")},
         "pool": pool,
         "images_labeled_this_run": labeled_now,

@@ -175,7 +175,8 @@ def work(run: StepRun) -> dict:
     if s.targets == "online":  # the labels' own temperature (the fitted one after pseudolabel.calibrate)
         online = OnlineTargets(load_exported_model(inp["teacher_dir"], "")[0], model, accelerator,
                                inp["label_temperature"], bool(inp["selection"].get("hard")),
-                               inp["selection"].get("class_weights"))
+                               inp["selection"].get("class_weights") if Selection.from_json(inp["selection"])
+                               .corrects_targets else None)
 
     def loss(logits, b):
         targets = b.get("targets")
