@@ -305,7 +305,8 @@ def run_protocol(a) -> None:
 
 def pool_table(results: list[dict]) -> str:
     """One protocol's pools side by side (mean ± std over seeds): top-1 per round on the test and validation sets,
-    round 1's gain over its teacher and against the first (reference) pool's, the gap closed against full
+    round 1's gain over its teacher and against the first (reference) pool's, the least gain of any round and seed
+    over its own teacher, the gap closed against full
     supervision, and what the selection kept: the three rarest classes' labels right (long-tail) or the share of
     the selected labels given to images of no class (open-set)."""
     ref = results[0]
@@ -317,8 +318,8 @@ def pool_table(results: list[dict]) -> str:
 
     ref_gain = statistics.mean(gains(ref)) if ref["seeds"] else None
     head = ["pool", "teacher", *(f"round {k}" for k in range(1, rounds + 1)), "round 1 gain",
-            "of the reference's gain", *(["gap closed (last round)"] if sup else []), "val top-1 (last round)",
-            "selected labels"]
+            "of the reference's gain", "least gain of a round over its teacher",
+            *(["gap closed (last round)"] if sup else []), "val top-1 (last round)", "selected labels"]
     lines = [f"{ref['protocol']}: {ref['labels_per_class']} labels per class, student.epochs={ref['student_epochs']}, "
              f"overrides {' '.join(ref['overrides']) or 'none'}; the reference pool is {ref['pool']}", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -329,6 +330,10 @@ def pool_table(results: list[dict]) -> str:
         cells = [r["pool"]] + [mean_std([100 * v["top1"][k] for v in seeds]) for k in range(rounds + 1)]
         g = gains(r)
         cells += [mean_std(g), f"{100 * statistics.mean(g) / ref_gain:.0f}%" if ref_gain else ""]
+        # "never worse than its teacher": the smallest step over every seed and round (each round's teacher is
+        # the round before's student)
+        least = min(100 * (v["top1"][k] - v["top1"][k - 1]) for v in seeds for k in range(1, rounds + 1))
+        cells.append(f"{least:+.2f}")
         if sup:
             m = statistics.mean(sup)
             closed = [(100 * v["top1"][-1] - 100 * v["top1"][0]) / (m - 100 * v["top1"][0]) for v in seeds]
@@ -341,12 +346,17 @@ def pool_table(results: list[dict]) -> str:
 
 def pool_results(paths: list[Path]) -> dict[str, list[dict]]:
     """Results files of --protocol runs -> configuration (the results' name without its pool) -> its pools, in
-    the order of their values (rho, ratio), the seeds of files of the same pool merged."""
+    the order of their values (rho, ratio), the seeds of files of the same pool merged. A file with no seed holds a
+    fully supervised reference (a run with --seeds and no value): every configuration of its protocol takes it."""
     configs: dict[str, dict[str, dict]] = {}
+    references: dict[str, dict] = {}
     for path in paths:
         r = json.loads(path.read_text())
         if "pool" not in r:
             raise SystemExit(f"--pool-table: {path} is not the result of a --protocol run")
+        if not r["seeds"]:
+            references.setdefault(r["protocol"], {}).update(r["supervised"])
+            continue
         name = r["name"].removesuffix("-" + r["pool"])
         pools = configs.setdefault(name, {})
         if r["pool"] in pools:
@@ -359,6 +369,8 @@ def pool_results(paths: list[Path]) -> dict[str, list[dict]]:
     for name, pools in configs.items():
         for r in pools.values():
             r["seeds"] = dict(sorted(r["seeds"].items(), key=lambda kv: int(kv[0])))
+            if not r["supervised"]:
+                r["supervised"] = references.get(r["protocol"], {})
         out[name] = sorted(pools.values(), key=value)
     return out
 

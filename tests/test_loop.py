@@ -53,6 +53,7 @@ def shards(tmp_path_factory):
     _write(d / "L-000000.tar", 64, 0, labeled=True)
     _write(d / "E-000000.tar", 64, 1, labeled=True)
     _write(d / "A-000000.tar", 32, 2, labeled=True)  # the audit shards: labeled, never trained on
+    _write(d / "V-000000.tar", 32, 3, labeled=True)  # data.val: the held-out reference of the pool estimate
     for i in range(6):  # half of the unlabeled shards keep their class (for the audit)
         _write(d / f"U-{i:06d}.tar", 32, 10 + i, labeled=i % 2 == 0)
     return d
@@ -71,7 +72,10 @@ def _loop_args(shards, run_dir, *extra):
             # the teacher of each round calibrated on data.eval across both processes, its labels audited
             "pseudolabel.calibrate=true", f"data.audit={shards}/A-000000.tar",
             # one more eval set for every model: the audit shards, with a class list (every class, reordered)
-            f"+eval.sets.audit.shards={shards}/A-000000.tar", "+eval.sets.audit.classes=[3,1,0,2]", *extra]
+            f"+eval.sets.audit.shards={shards}/A-000000.tar", "+eval.sets.audit.classes=[3,1,0,2]",
+            # a held-out reference: the pool estimated and the selection corrected for it, filtered, capped
+            f"data.val={shards}/V-000000.tar", "pseudolabel.prior_correction=true", "pseudolabel.ood.filter=true",
+            "pseudolabel.max_repeat=3", *extra]
 
 
 def _launch(*args, **popen):
@@ -123,6 +127,10 @@ def test_two_process_iterate_on_shards(loop_run):
         assert pl["audit"]["audit_set"]["images"] == 32 and pl["calibration"]["images"] == 64
         temps = {LabelFile(f).meta["temperature"] for f in (loop_run / f"round_{k}/pseudolabel").rglob("*.safetensors")}
         assert temps == {str(pl["calibration"]["temperature"])}  # one temperature, labels and audit, both processes
+        assert pl["pool"]["reference_images"] == 32 and pl["pool"]["method"] == "confusion"
+        assert pl["selection"]["prior_correction"] and pl["selection"]["ood"]["filter"]
+        assert len(list((loop_run / f"round_{k}/pseudolabel/val").glob("*.safetensors"))) == 1
+        assert (loop_run / f"round_{k}/pseudolabel/sheets/classes-1.png").exists()
         st = read_json(loop_run / f"round_{k}/student/summary.json")
         assert st["replicas_in_sync"] is True and st["eval"]["images"] == 64
         assert st["eval_sets"]["audit"]["images"] == 32  # each image once across the 2 processes
@@ -139,7 +147,9 @@ def test_two_process_iterate_on_shards(loop_run):
     md = (loop_run / "report.md").read_text()
     assert [r["sets"]["audit"]["classes"] for r in _report(loop_run)] == [[3, 1, 0, 2]] * 4
     for part in ("## Eval set: audit", "## Pseudo-labels", "### Round 2", "round_2/pseudolabel/audit.png",
-                 "calibration: temperature", "## Per class: round 2 finetune against the teacher", "reliability.png"):
+                 "calibration: temperature", "## Per class: round 2 finetune against the teacher", "reliability.png",
+                 "round_2/pseudolabel/pool.png", "round_2/pseudolabel/sheets/classes-1.png", "- out of domain: ",
+                 "- selection: prior correction, out-of-domain filter, at most 3 repeats"):
         assert part in md, part
 
 
@@ -182,7 +192,8 @@ def test_forced_step_on_two_processes(loop_run, shards, tmp_path):
     args = [a for a in _loop_args(shards, d) if not a.startswith(("stage=", "iterate."))]
     _ok(_launch("stage=pseudolabel", "round=2", "force=true", *args))
     assert _labels(d) == before
-    assert read_json(d / "round_2/pseudolabel/summary.json")["images_labeled_this_run"] == 6 * 32 + 32  # and the audit
+    labeled = read_json(d / "round_2/pseudolabel/summary.json")["images_labeled_this_run"]
+    assert labeled == 6 * 32 + 32 + 32  # the pool, the audit shard and data.val
 
 
 def _no_process_left(marker: str) -> bool:
