@@ -55,3 +55,27 @@ def test_rounds_pseudolabels_and_rows_without_calibration(tmp_path):
     assert md.splitlines()[7].endswith("| +10.00 |  |  |")  # their NLL and ECE cells are empty
     assert report["pseudolabels"]["1"]["audit_unlabeled"]["accuracy"] == 0.8
     assert read_json(tmp_path / "report.json")["pseudolabels"]["1"]["calibration"]["temperature"] == 0.5
+
+
+def _pool_summary(estimated, predicted, train_prior):
+    nc = len(estimated)
+    return {"pool": {"images": 1000, "method": "confusion", "estimated_share": estimated, "predicted_share": predicted,
+                     "train_prior": train_prior,
+                     "ood": {"cutoff": 1.0, "score": "energy", "quantile": 0.05, "cutoff_from": "data.val",
+                             "below_cutoff": 80, "share_below": 0.08, "share_estimate": 0.03,
+                             "per_class_below": [10, 50, 20][:nc]}},
+            "selection": {"prior_correction": False, "ood": {"filter": False}, "class_quantile": 0.0,
+                          "balance_target": "uniform", "max_repeat": None}}
+
+
+def test_pool_lines_name_the_classes_that_took_more_than_their_labeled_share():
+    """A class twice as common in the pool as in the labeled set (where an open-set pool's foreign images go) is
+    named with both shares; a pool like the labeled set gets no such line."""
+    from noisystudent.reporting.report import pool_lines
+
+    third = [1 / 3] * 3
+    lines = pool_lines(_pool_summary([0.2, 0.6, 0.2], [0.2, 0.6, 0.2], third))
+    far = [line for line in lines if line.startswith("- far more common")]
+    assert len(far) == 1 and "1 60.0% (labeled 33.3%)" in far[0] and " 0 " not in far[0].split(":")[-1]
+    assert "at least 3.0% of the pool is out of domain" in lines[0] and "mostly as 1 (50)" in lines[0]
+    assert not [line for line in pool_lines(_pool_summary(third, third, third)) if line.startswith("- far more")]

@@ -282,6 +282,16 @@ def pool_lines(s: dict) -> list[str]:
                  + ", ".join(f"{c} {pct(est[c])} ({pct(pred[c])})" for c in rare) + "; "
                  + ("over-predicted by 20% or more: " + ", ".join(f"{c} {pct(est[c])} ({pct(pred[c])})" for c in over)
                     if over else "no class over-predicted by 20% or more") + ".")
+    # a class far more common in the pool than in the labeled set: a long tail's head, or a class that takes the
+    # images of classes nobody labeled (the open-set case, which no logit score separates well: its contact sheet
+    # shows it)
+    prior = pool.get("train_prior") or [1.0 / nc] * nc
+    by_ratio = sorted(range(nc), key=lambda c: -(est[c] / max(prior[c], 1e-9)))
+    common = [c for c in by_ratio[:3] if est[c] >= 1.5 * prior[c]]
+    if common:
+        lines.append("- far more common in the pool than in the labeled set (1.5 times or more; where images of "
+                     "classes nobody labeled go, look at the class's contact sheet): "
+                     + ", ".join(f"{c} {pct(est[c])} (labeled {pct(prior[c])})" for c in common) + ".")
     sel = s.get("selection") or {}
     levers = [name for name, on in (("prior correction", sel.get("prior_correction")),
                                     ("out-of-domain filter", (sel.get("ood") or {}).get("filter")),
