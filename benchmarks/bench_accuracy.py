@@ -321,7 +321,10 @@ def pool_table(results: list[dict]) -> str:
             "of the reference's gain", "least gain of a round over its teacher",
             *(["gap closed (last round)"] if sup else []), "val top-1 (last round)", "selected labels"]
     lines = [f"{ref['protocol']}: {ref['labels_per_class']} labels per class, student.epochs={ref['student_epochs']}, "
-             f"overrides {' '.join(ref['overrides']) or 'none'}; the reference pool is {ref['pool']}", "",
+             f"overrides {' '.join(ref['overrides']) or 'none'}; the reference pool is {ref['pool']}"
+             + (f"; fully supervised (every train label, {_models(ref['supervised'])}): {mean_std(sup)}"
+                if sup else ""),
+             "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in results:
         seeds = list(r["seeds"].values())
@@ -342,6 +345,10 @@ def pool_table(results: list[dict]) -> str:
         cells += [mean_std(val), selected_labels(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _models(supervised: dict) -> str:
+    return ", ".join(sorted({v.get("model", "?") for v in supervised.values()}))
 
 
 def pool_results(paths: list[Path]) -> dict[str, list[dict]]:
