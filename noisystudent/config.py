@@ -304,7 +304,9 @@ def eval_keys(cfg: DictConfig) -> tuple[str, ...]:
     """The eval keys a training step's result depends on: the robustness keys only when corruptions or
     perturbations are on (so steps that ran before they existed, or without them, keep their settings)."""
     on = any(OmegaConf.select(cfg, k, default=None) for k in ("eval.corruptions", "eval.perturbations"))
-    return EVAL_KEYS + (ROBUSTNESS_KEYS if on else ())
+    # the periodic evaluation reads data.val where it is set (so eval.keep=best chooses on held-out images)
+    periodic = OmegaConf.select(cfg, "eval.every_epochs", default=None) is not None
+    return EVAL_KEYS + (ROBUSTNESS_KEYS if on else ()) + (("data.val",) if periodic else ())
 
 
 @dataclass(frozen=True)

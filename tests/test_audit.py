@@ -209,3 +209,18 @@ def test_evaluate_reports_calibration_as_computed_by_hand(digits_root):
     assert m["nll_at"][1] == pytest.approx(float(torch.nn.functional.cross_entropy(logits / 3, labels)), rel=1e-4)
     assert m["reliability"]["images"] == torch.bincount(bins, minlength=ECE_BINS).tolist()
     assert sum(1 for n in m["reliability"]["images"] if n) >= 3  # a test that spans several bins
+
+
+def test_calibration_fits_on_data_val_before_data_eval(teacher_copy, digits_root):
+    """pseudolabel.calibrate=true without data.calibration fits on data.val where it is set; with neither it
+    falls back to data.eval and says so."""
+    from noisystudent.data.shards import count_samples
+
+    val = f"{digits_root}/eval-000000.tar"
+    s = run("stage=pseudolabel", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST,
+            "pseudolabel.calibrate=true", f"data.val={val}")
+    assert s["calibration"]["source"] == "data.val" and s["calibration"]["images"] == count_samples([val], "data.val")
+    s = run("stage=pseudolabel", f"run_dir={teacher_copy}", f"data.root={digits_root}", *FAST,
+            "pseudolabel.calibrate=true", "force=true")
+    assert s["calibration"]["source"] == "data.eval"
+    assert s["calibration"]["images"] == count_samples([f"{digits_root}/eval-{i:06d}.tar" for i in (0, 1)], "e")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import FAST, cli, run
 from PIL import Image
 
@@ -64,3 +65,38 @@ def test_import_errors_name_the_setting(tmp_path):
     assert proc.returncode == 2 and "stage.src" in proc.stderr and "is not a directory" in proc.stderr
     proc = cli("stage=import", f"stage.dest={tmp_path / 'o'}")
     assert proc.returncode != 0 and "stage.src" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _folder(root, sizes):
+    for c, n in enumerate(sizes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            _img(root / f"class{c}" / f"i{i}.png", 100 * c + i, "PNG")
+
+
+def test_holdout_is_stratified_disjoint_and_seeded(tmp_path):
+    """stage.holdout: per class round(fraction x images) go to dest/val (at least one, never the whole class),
+    no image in both, the same split for the same seed, and the command prints the overrides to use."""
+    import webdataset as wds
+
+    from noisystudent.data.importer import import_images
+    from noisystudent.errors import ConfigError
+
+    src = tmp_path / "src"
+    _folder(src, [20, 9, 2])
+
+    def keys(pattern):
+        return {(s["__key__"], int(s["cls"])) for s in wds.WebDataset(expand_shards(pattern, "x"), shardshuffle=False)}
+
+    a = import_images(src, tmp_path / "a", holdout=0.25, seed=0)
+    train, held = keys(a["pattern"]), keys(a["holdout"]["pattern"])
+    assert not {k for k, _ in train} & {k for k, _ in held} and len(train) + len(held) == 31
+    assert sorted(np.bincount([c for _, c in held], minlength=3).tolist()) == [1, 2, 5]  # round(0.25 x 20, 9, 2)
+    assert read_json(tmp_path / "a/val/manifest.json")["total"] == 8 and (tmp_path / "a/val/classes.json").exists()
+    again = import_images(src, tmp_path / "b", holdout=0.25, seed=0)
+    other = import_images(src, tmp_path / "c", holdout=0.25, seed=1)
+    assert keys(again["holdout"]["pattern"]) == held and keys(other["holdout"]["pattern"]) != held
+    with pytest.raises(ConfigError, match=r"stage.holdout=1.5: the fraction of each class held out must be in \[0"):
+        import_images(src, tmp_path / "d", holdout=1.5)
+    proc = cli("stage=import", f"stage.src={src}", f"stage.dest={tmp_path / 'e'}", "stage.holdout=0.25", check=True)
+    assert "8 held out" in proc.stdout and "data.val=" in proc.stdout and "data.labeled=" in proc.stdout

@@ -24,6 +24,8 @@ def test_periodic_evaluation_and_the_weights_kept(tmp_path, digits_root, keep):
     assert best["epoch"] != 8, "the settings no longer make the last epoch worse than the best: change UNSTABLE"
     kept = best if keep == "best" else history[-1]
     assert s["kept"] == keep
+    # no data.val: the epoch is chosen on data.eval, the set the step is scored on, and the summary says so
+    assert s["periodic_eval_set"] == "data.eval" and s.get("chosen_on_eval_set", False) == (keep == "best")
     # the final evaluation (same eval set, same code) measures the weights the step ends with
     assert s["top1"] == pytest.approx(kept["top1"]) and s["eval"]["loss"] == pytest.approx(kept["loss"])
     evals = [r for r in read_metrics(tmp_path / "teacher") if "eval_top1" in r]
@@ -46,3 +48,17 @@ def test_a_resumed_step_keeps_its_evaluations(tmp_path, digits_root):
     assert s["resumed_from_step"] == 21
     assert [h["epoch"] for h in s["periodic_eval"]] == [2, 4, 6, 8]
     assert s["top1"] == pytest.approx(s["best_top1"])
+
+
+def test_keep_best_chooses_on_data_val_where_it_is_set(tmp_path, digits_root):
+    """With data.val the periodic evaluation reads it: the epoch kept is the best on data.val (scored again at
+    the end as one of eval.sets), and nothing is chosen on data.eval."""
+    val = f"{digits_root}/unlabeled-{{000000..000001}}.tar"  # never trained on by a teacher; each image has a cls
+    s = run("stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", *UNSTABLE, "eval.keep=best",
+            f"data.val='{val}'", f"+eval.sets.v='{val}'")
+    assert s["periodic_eval_set"] == "data.val" and "chosen_on_eval_set" not in s
+    history = s["periodic_eval"]
+    best = max(history, key=lambda h: h["top1"])
+    assert s["best_epoch"] == best["epoch"] and s["eval_sets"]["v"]["top1"] == pytest.approx(best["top1"])
+    assert s["eval_sets"]["v"]["images"] != s["eval"]["images"]  # two different sets
+    assert s["settings"]["data.val"] == val  # a step whose data.val changes is rerun, not skipped

@@ -50,7 +50,8 @@ def test_rounds_pseudolabels_and_rows_without_calibration(tmp_path):
     assert "| 1 | 60 | 45 (threshold 0.3) | 48 (16 per class) | 80.0% | 90.0% | 95.0% |" in md
     assert "![round 1 selection](round_1/pseudolabel/selection.png)" in md
     assert "round_1/pseudolabel/audit.png" in md
-    assert "temperature 0.500 fitted on data.eval (100 images): NLL 0.400 -> 0.300, ECE 12.0% -> 3.0%" in md
+    assert ("temperature 0.500 fitted on data.eval (100 images; chosen on the eval set, the set scored here: set "
+            "data.val): NLL 0.400 -> 0.300, ECE 12.0% -> 3.0%") in md
     assert not (tmp_path / "reliability.png").exists()  # rows of a version that measured no calibration
     assert md.splitlines()[7].endswith("| +10.00 |  |  |")  # their NLL and ECE cells are empty
     assert report["pseudolabels"]["1"]["audit_unlabeled"]["accuracy"] == 0.8
@@ -79,3 +80,19 @@ def test_pool_lines_name_the_classes_that_took_more_than_their_labeled_share():
     assert len(far) == 1 and "1 60.0% (labeled 33.3%)" in far[0] and " 0 " not in far[0].split(":")[-1]
     assert "at least 3.0% of the pool is out of domain" in lines[0] and "mostly as 1 (50)" in lines[0]
     assert not [line for line in pool_lines(_pool_summary(third, third, third)) if line.startswith("- far more")]
+
+
+def test_a_model_chosen_on_the_eval_set_says_so(tmp_path):
+    """eval.keep=best without data.val chose the epoch on the set the report scores: report.md and report.json
+    say so for that model, and only for it."""
+    rows = [_row(0, [0.5, 0.6]), _row(1, [0.7, 0.6])]
+    for r, chosen in zip(rows, (False, True), strict=True):
+        step = tmp_path / ("teacher" if r["round"] == 0 else "round_1/student")
+        step.mkdir(parents=True)
+        mark_done(step, {"kept": "best", **({"chosen_on_eval_set": True} if chosen else {})})
+        r["path"] = str(step)
+    report = write_report(tmp_path, rows, "eval.tar")
+    notes = [n for n in report["notes"] if "chosen on the eval set" in n]
+    assert len(notes) == 1 and notes[0].startswith("round 1 student: eval.keep=best")
+    md = (tmp_path / "report.md").read_text()
+    assert "Note: round 1 student: eval.keep=best chose its epoch on the eval set" in md

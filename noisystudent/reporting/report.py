@@ -54,6 +54,7 @@ def write_report(run_dir: str | os.PathLike, rows: list[dict], eval_pattern: str
     for r in rows:
         r["gain_over_teacher"] = None if teacher_top1 is None else r["top1"] - teacher_top1
     labeling = pseudolabel_summaries(run_dir, rows)
+    notes = [*notes, *chosen_on_eval_notes(rows)]
     report = {"eval": eval_pattern, "rounds": rows, "notes": list(notes),
               **({"mce_reference": reference[1]} if any(r.get("robustness") for r in rows) else {}),
               "pseudolabels": {str(k): _labeling_record(s) for k, s in labeling.items()}}
@@ -133,6 +134,18 @@ def _plot(path: Path, rows: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save_png(fig, path)
+
+
+def chosen_on_eval_notes(rows: list[dict]) -> list[str]:
+    """A note per model whose weights eval.keep=best chose on data.eval, the set this report scores (no data.val):
+    its top-1 here is optimistic."""
+    out = []
+    for r in rows:
+        if r.get("path") and (Path(r["path"]) / "summary.json").is_file() and \
+                read_summary(r["path"]).get("chosen_on_eval_set"):
+            out.append(f"{_label(r)}: eval.keep=best chose its epoch on the eval set, the set scored here, so its "
+                       "top-1 is optimistic (chosen on the eval set; set data.val to choose on held-out images).")
+    return out
 
 
 def _label(row: dict) -> str:
@@ -233,8 +246,10 @@ def pseudolabel_sections(run_dir: Path, labeling: dict[int, dict]) -> str:
         cal = s.get("calibration")
         if cal:
             b, f = cal["before"], cal["after"]
+            on_eval = cal["source"] == "data.eval"
+            chosen = "; chosen on the eval set, the set scored here: set data.val" if on_eval else ""
             line = (f"- calibration: temperature {cal['temperature']:.3f} fitted on {cal['source']} "
-                    f"({cal['images']:,} images): NLL {b['nll']:.3f} -> {f['nll']:.3f}, ECE {pct(b['ece'])} -> "
+                    f"({cal['images']:,} images{chosen}): NLL {b['nll']:.3f} -> {f['nll']:.3f}, ECE {pct(b['ece'])} -> "
                     f"{pct(f['ece'])}")
             raw = ((s.get("audit") or {}).get("unlabeled") or {}).get("uncalibrated")
             if raw:

@@ -214,7 +214,14 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     def on_eval_set(model):
         return evaluate_model(cfg, accelerator, model, model_info, nc, shards(cfg, "eval"))
 
-    job.evaluate = on_eval_set  # eval.every_epochs: the same evaluation during training
+    job.evaluate, chosen_on = periodic_evaluation(cfg, accelerator, model_info, nc, on_eval_set)
+    job.extra_summary = {**job.extra_summary, "periodic_eval_set": chosen_on}
+    if chosen_on == "data.eval" and cfg.eval.get("keep") == "best" and cfg.eval.get("every_epochs") is not None:
+        # the weights kept are chosen on the set the summary then scores: its top-1 is optimistic
+        job.extra_summary["chosen_on_eval_set"] = True
+        log.warning("eval.keep=best chooses the epoch on data.eval, the set this step's top-1 is reported on (no "
+                    "data.val is set): that top-1 is optimistic. Set data.val to held-out labeled shards (stage=import "
+                    "stage.holdout=0.1 makes them) to choose on those instead")
     ema_model, summary = fit(accelerator, job)
     t0 = time.time()
     if after_training is not None:
@@ -239,6 +246,21 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     log.info("%s: top-1 %.4f, top-5 %.4f on %d eval images", run.out, metrics["top1"], metrics["top5"],
              metrics["images"])
     return summary
+
+
+def periodic_evaluation(cfg: DictConfig, accelerator, model_info: dict, nc: int,
+                        on_eval_set: Callable[[torch.nn.Module], dict]) -> tuple[Callable, str]:
+    """The evaluation eval.every_epochs runs during training, and the set it reads: data.val (held-out labeled
+    shards, never trained on) where it is set, so that eval.keep=best chooses an epoch without looking at the
+    set the step is scored on; else data.eval, as before data.val existed."""
+    if not cfg.data.get("val"):
+        return on_eval_set, "data.eval"
+    val = shards(cfg, "val")
+
+    def on_val(model):
+        return evaluate_model(cfg, accelerator, model, model_info, nc, val)
+
+    return on_val, "data.val"
 
 
 def class_names(cfg: DictConfig, num_classes: int) -> list[str] | None:

@@ -139,7 +139,13 @@ def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
     val_urls, val_paths = labeled_apart(cfg, "val", urls, out / VAL_LABELS)
     calibration = None
     if s.calibrate:
-        key = "data.calibration" if cfg.data.get("calibration") else "data.eval"
+        # held-out images first: data.calibration, else data.val; data.eval (the set the report scores) only
+        # where neither is set, and the summary and report.md say so
+        key = next((k for k in ("data.calibration", "data.val") if cfg.data.get(k.split(".")[1])), "data.eval")
+        if key == "data.eval":
+            log.warning("pseudolabel.calibrate=true fits the temperature on data.eval, the set the report scores (no "
+                        "data.calibration or data.val is set): set data.val to held-out labeled shards "
+                        "(stage=import stage.holdout=0.1 makes them)")
         calibration = (key, shards(cfg, key.split(".")[1]))
     return {"model": model, "info": info, "urls": urls, "paths": paths, "audit_urls": audit_urls,
             "audit_paths": audit_paths, "val_urls": val_urls, "val_paths": val_paths, "calibration": calibration,
