@@ -69,7 +69,7 @@ def _loop_args(shards, run_dir, *extra):
             "finetune.img_size=28",
             # the EMA model evaluated at every epoch end: a collective inside the training loop of 2 processes
             "eval.every_epochs=1",
-            # the teacher of each round calibrated on data.eval across both processes, its labels audited
+            # the teacher of each round calibrated on data.val (below) across both processes, its labels audited
             "pseudolabel.calibrate=true", f"data.audit={shards}/A-000000.tar",
             # one more eval set for every model: the audit shards, with a class list (every class, reordered)
             f"+eval.sets.audit.shards={shards}/A-000000.tar", "+eval.sets.audit.classes=[3,1,0,2]",
@@ -124,7 +124,8 @@ def test_two_process_iterate_on_shards(loop_run):
         pl = read_json(loop_run / f"round_{k}/pseudolabel/summary.json")
         assert pl["images_seen"] == 6 * 32 and pl["shards_labeled"] == 6 and pl["images_after_balancing"] > 0
         assert pl["audit"]["unlabeled"]["images"] == 3 * 32 and pl["audit"]["unlabeled"]["images_without_cls"] == 96
-        assert pl["audit"]["audit_set"]["images"] == 32 and pl["calibration"]["images"] == 64
+        assert pl["audit"]["audit_set"]["images"] == 32
+        assert pl["calibration"]["source"] == "data.val" and pl["calibration"]["images"] == 32
         temps = {LabelFile(f).meta["temperature"] for f in (loop_run / f"round_{k}/pseudolabel").rglob("*.safetensors")}
         assert temps == {str(pl["calibration"]["temperature"])}  # one temperature, labels and audit, both processes
         assert pl["pool"]["reference_images"] == 32 and pl["pool"]["method"] == "confusion"
@@ -136,6 +137,7 @@ def test_two_process_iterate_on_shards(loop_run):
         assert st["eval_sets"]["audit"]["images"] == 32  # each image once across the 2 processes
     assert [h["epoch"] for h in read_json(loop_run / "teacher/summary.json")["periodic_eval"]] == [1, 2, 3, 4]
     assert all(h["top1"] >= 0 for h in read_json(loop_run / "teacher/summary.json")["periodic_eval"])
+    assert read_json(loop_run / "teacher/summary.json")["periodic_eval_set"] == "data.val"  # two processes too
     ft = read_json(loop_run / "round_2/finetune/summary.json")
     assert ft["replicas_in_sync"] is True and ft["img_size"] == 28 and ft["eval"]["images"] == 64
     # 64 labeled images, 2 processes x batch 16: 2 batches on each for the BatchNorm statistics
