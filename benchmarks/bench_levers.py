@@ -93,9 +93,8 @@ def measure(step: Path, rare: int = 3) -> dict:
     rarest = [int(c) for c in sorted(np.flatnonzero(counts), key=lambda c: (counts[c], -c))[:rare]]
     out["rarest_classes"] = rarest
     if (truth == -2).any():
-        out["auroc_near"] = {sc: auroc(np.concatenate([in_domain_score(f, sc) for f in files])[truth >= 0],
-                                       np.concatenate([in_domain_score(f, sc) for f in files])[truth == -2])
-                             for sc in SCORES}
+        scores = {sc: np.concatenate([in_domain_score(f, sc) for f in files]) for sc in SCORES}
+        out["auroc_near"] = {sc: auroc(v[truth >= 0], v[truth == -2]) for sc, v in scores.items()}
     out["levers"] = {}
     for name, lever in LEVERS.items():
         sel, pool, _ = choose(files, reference, nc, policy(lever, threshold))

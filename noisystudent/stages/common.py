@@ -214,14 +214,18 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     def on_eval_set(model):
         return evaluate_model(cfg, accelerator, model, model_info, nc, shards(cfg, "eval"))
 
-    job.evaluate, chosen_on = periodic_evaluation(cfg, accelerator, model_info, nc, on_eval_set)
+    # eval.every_epochs: the same evaluation during training, on data.val where it is set, so that eval.keep=best
+    # chooses an epoch without looking at the set the step is scored on
+    chosen_on = choice_set(cfg)
+    if chosen_on == "data.eval":
+        job.evaluate = on_eval_set
+    else:
+        periodic = shards(cfg, chosen_on.split(".")[1])
+        job.evaluate = lambda model: evaluate_model(cfg, accelerator, model, model_info, nc, periodic)
     job.extra_summary = {**job.extra_summary, "periodic_eval_set": chosen_on}
-    if chosen_on == "data.eval" and cfg.eval.get("keep") == "best" and cfg.eval.get("every_epochs") is not None:
-        # the weights kept are chosen on the set the summary then scores: its top-1 is optimistic
+    if chosen_on == "data.eval" and job.settings.eval_keep == "best":  # keep=best implies eval.every_epochs
         job.extra_summary["chosen_on_eval_set"] = True
-        log.warning("eval.keep=best chooses the epoch on data.eval, the set this step's top-1 is reported on (no "
-                    "data.val is set): that top-1 is optimistic. Set data.val to held-out labeled shards (stage=import "
-                    "stage.holdout=0.1 makes them) to choose on those instead")
+        warn_chosen_on_eval("eval.keep=best chooses the epoch")
     ema_model, summary = fit(accelerator, job)
     t0 = time.time()
     if after_training is not None:
@@ -248,19 +252,16 @@ def train_and_export(run: StepRun, job: TrainJob, model_info: dict,
     return summary
 
 
-def periodic_evaluation(cfg: DictConfig, accelerator, model_info: dict, nc: int,
-                        on_eval_set: Callable[[torch.nn.Module], dict]) -> tuple[Callable, str]:
-    """The evaluation eval.every_epochs runs during training, and the set it reads: data.val (held-out labeled
-    shards, never trained on) where it is set, so that eval.keep=best chooses an epoch without looking at the
-    set the step is scored on; else data.eval, as before data.val existed."""
-    if not cfg.data.get("val"):
-        return on_eval_set, "data.eval"
-    val = shards(cfg, "val")
+def choice_set(cfg: DictConfig, *first: str) -> str:
+    """The labeled set a choice reads (an epoch, a temperature): the first of `first` (e.g. data.calibration) that is
+    set, else data.val (held out, never trained on), else data.eval: the set the report scores, so a choice made on
+    it is flagged (`warn_chosen_on_eval`, "chosen on the eval set" in the summary and report.md)."""
+    return next((k for k in (*first, "data.val") if cfg.data.get(k.split(".")[1])), "data.eval")
 
-    def on_val(model):
-        return evaluate_model(cfg, accelerator, model, model_info, nc, val)
 
-    return on_val, "data.val"
+def warn_chosen_on_eval(what: str) -> None:
+    log.warning("%s on data.eval, the set the report scores (no data.val is set): what it reports is optimistic. Set "
+                "data.val to held-out labeled shards (stage=import stage.holdout=0.1 makes them)", what)
 
 
 def class_names(cfg: DictConfig, num_classes: int) -> list[str] | None:

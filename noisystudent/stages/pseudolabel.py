@@ -43,7 +43,7 @@ from ..reporting.evaluation import evaluate
 from ..reporting.plots import pct, pyplot, save_png
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
 from ..training.engine import peak_device_memory_mib
-from .common import class_names, dali_eval, num_classes, shards
+from .common import choice_set, class_names, dali_eval, num_classes, shards, warn_chosen_on_eval
 from .contract import Step, StepRun, main_decides
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,9 @@ def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
     val_urls, val_paths = labeled_apart(cfg, "val", urls, out / VAL_LABELS)
     calibration = None
     if s.calibrate:
-        # held-out images first: data.calibration, else data.val; data.eval (the set the report scores) only
-        # where neither is set, and the summary and report.md say so
-        key = next((k for k in ("data.calibration", "data.val") if cfg.data.get(k.split(".")[1])), "data.eval")
+        key = choice_set(cfg, "data.calibration")  # data.eval only where nothing held out is set; report.md says so
         if key == "data.eval":
-            log.warning("pseudolabel.calibrate=true fits the temperature on data.eval, the set the report scores (no "
-                        "data.calibration or data.val is set): set data.val to held-out labeled shards "
-                        "(stage=import stage.holdout=0.1 makes them)")
+            warn_chosen_on_eval("pseudolabel.calibrate=true fits the temperature")
         calibration = (key, shards(cfg, key.split(".")[1]))
     return {"model": model, "info": info, "urls": urls, "paths": paths, "audit_urls": audit_urls,
             "audit_paths": audit_paths, "val_urls": val_urls, "val_paths": val_paths, "calibration": calibration,

@@ -170,13 +170,13 @@ def work(run: StepRun) -> dict:
     lab_workers = min(workers, max(1, round(workers / (1 + s.unlabel_ratio)))) if workers else 0
     unl_workers = max(1, workers - lab_workers) if workers else 0
     nice = worker_nice(cfg, accelerator.device)
-    join = JoinPseudoLabels(inp["paths"], Selection.from_json(inp["selection"]), s.num_classes)
+    selection = Selection.from_json(inp["selection"])
+    join = JoinPseudoLabels(inp["paths"], selection, s.num_classes)
     online = None
     if s.targets == "online":  # the labels' own temperature (the fitted one after pseudolabel.calibrate)
         online = OnlineTargets(load_exported_model(inp["teacher_dir"], "")[0], model, accelerator,
                                inp["label_temperature"], bool(inp["selection"].get("hard")),
-                               inp["selection"].get("class_weights") if Selection.from_json(inp["selection"])
-                               .corrects_targets else None)
+                               inp["selection"].get("class_weights") if selection.corrects_targets else None)
 
     def loss(logits, b):
         targets = b.get("targets")
