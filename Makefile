@@ -9,7 +9,7 @@ LOCK := requirements-lock.txt
 # with 2, as README's figures were measured, whatever the machine's core count.
 DEMO_THREADS ?= 2
 
-.PHONY: setup demo test test-quick lint docs check-demo lock clean
+.PHONY: setup demo test test-quick lint docs package check-demo lock clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ test-quick: setup
 # the documentation site (docs/, mkdocs.yml); --strict: a broken link or a page missing from nav fails
 docs: setup
 	$(VENV)/bin/mkdocs build --strict -d site
+
+# the package as users install it (CI): sdist and wheel built and checked, the wheel installed into a fresh
+# virtualenv and run from an empty directory (.ci/check_package)
+package: setup
+	VENV=$(VENV) bash .ci/check_package
 
 # the demo's seed-0 figures against README's (CI), from a fresh run on the CPU (README's figures are CPU
 # figures): fails, naming the rows and what differs from the lock, when a release or a change moved one

@@ -157,7 +157,37 @@ def die_with_launcher() -> None:
         os._exit(137)
 
 
+def version_text() -> str:
+    """`noisystudent --version`: ours, and the releases a result depends on (torch, its CUDA, timm and the rest of the
+    stack), as a bug report wants them."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def release(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    cuda = torch.version.cuda or "none (a CPU build)"
+    if torch.cuda.is_available():
+        cuda += f", {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}"
+    dali = next((f"{name} {release(name)}" for name in ("nvidia-dali-cuda130", "nvidia-dali-cuda120")
+                 if release(name) != "not installed"), "nvidia-dali not installed")
+    lines = [f"noisystudent {__version__}", f"python {sys.version.split()[0]}",
+             f"torch {torch.__version__} (CUDA {cuda})"]
+    lines += [f"{name} {release(name)}" for name in ("torchvision", "timm", "accelerate", "webdataset", "hydra-core")]
+    return "\n".join([*lines, dali])
+
+
 def main() -> None:
+    # ours, before Hydra: its own --version would print Hydra's release
+    if any(a in ("--version", "-V") for a in sys.argv[1:]):
+        print(version_text())
+        return
     die_with_launcher()
     _hydra_main()
 

@@ -24,7 +24,7 @@ ALLOWED = {
 def room(module: str) -> str:
     """noisystudent.training.engine -> training; noisystudent.config -> base."""
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] == "__init__":
+    if len(parts) == 1 or parts[1] in ("__init__", "__version__"):
         return "base"
     if parts[1] == "__main__":
         return "entry"

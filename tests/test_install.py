@@ -23,3 +23,17 @@ def test_non_editable_install_ships_the_configs(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import noisystudent; print(noisystudent.__file__)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, check=True).stdout
     assert probe.startswith(str(target))
+
+
+def test_version_is_ours_with_the_stack():
+    """--version prints our release (not Hydra's), from the one place it lives, with torch and its CUDA."""
+    from importlib import metadata
+
+    import noisystudent
+
+    out = subprocess.run([sys.executable, "-m", "noisystudent", "--version"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == f"noisystudent {noisystudent.__version__}"
+    assert metadata.version("noisystudent") == noisystudent.__version__  # pyproject reads it from __init__.py
+    assert any(line.startswith("torch ") and "CUDA" in line for line in out)
+    assert any(line.startswith("timm ") for line in out) and not any("Hydra" in line for line in out)
