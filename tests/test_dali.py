@@ -271,3 +271,24 @@ def test_teacher_and_student_trained_through_dali(good_teacher, digits_root, tmp
     # each process listed its own shards' selected images, each as often as the selection repeats it
     listed = sum(int(p.read_text().split()[1]) for p in (d / "round_1/student/dali_index").rglob("*.idx"))
     assert listed == sum(read_json(d / "round_1/pseudolabel/selection.json")["counts_after"])
+
+
+def test_fingerprints_equal_the_torch_paths(jpeg_shards, tmp_path):
+    """The labeling step's fingerprints (copies of eval images, data/fingerprints.py) come out of DALI's pipeline as
+    the loader workers take them with PIL, within rounding of the two resize filters."""
+    from noisystudent.data.shards import SampleDecoder
+
+    urls = _urls(jpeg_shards)[:1]
+    records = index_shards(tmp_path / "idx", urls, 2)
+    got = {}
+    for b in D.ordered_batches(urls, records, tmp_path / "idx", D.eval_recipe(32, DATA), 16, 1, CPU, False, None,
+                               fingerprints=True):
+        assert b["fingerprints"].shape == (len(b["keys"]), 64) and b["fingerprints"].dtype == torch.uint8
+        got.update(zip(b["keys"], b["fingerprints"].float()))
+    decoder = SampleDecoder(lambda img: np.zeros((1, 1, 3), np.uint8), None, labeled=False, fingerprint=True)
+    want = {}
+    for b in ShardBatches(urls, decoder, 64):
+        want.update(zip(b["keys"], b["fingerprints"].float()))
+    assert sorted(got) == sorted(want) and len(got) > 20
+    rms = torch.stack([((got[k] - want[k]) ** 2).mean().sqrt() for k in got])
+    assert rms.max() < 2.0, rms.max()  # grey levels; a thumbnail of another image is tens of levels away

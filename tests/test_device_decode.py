@@ -61,7 +61,7 @@ def test_device_resize_crop_matches_pil_and_both_decoders_agree(jpeg_shards):
 
     data_cfg = OmegaConf.create({"crop_pct": 0.875})
     transform = eval_transform(32, data_cfg)
-    cpu = SampleDecoder(transform, None, labeled=False)
+    cpu = SampleDecoder(transform, None, labeled=False, fingerprint=True)
     samples = list(wds.WebDataset(str(jpeg_shards / "u-000000.tar"), shardshuffle=False))[:40]
     batch = collate_raw([RawJpegDecoder(cpu)(dict(s)) for s in samples])
     outputs = {}
@@ -69,7 +69,7 @@ def test_device_resize_crop_matches_pil_and_both_decoders_agree(jpeg_shards):
         decoder = DeviceJpegDecoder("cpu", eval_resize_crop(32, data_cfg), transform)
         decoder.decode = getattr(device_decode, f"{backend}_decoder")()
         outputs[backend] = decoder(batch)
-    images, keys, corrupt = outputs["torchcodec"]
+    images, keys, corrupt, fingerprints = outputs["torchcodec"]
     assert torch.equal(images, outputs["torchvision"][0]) and keys == outputs["torchvision"][1]
     assert keys == [s["__key__"] for s in samples if jpeg_kind(int(s["__key__"][3:])) != "corrupt"]
     # corrupt: every cut-off JPEG is found by the worker (no end-of-image marker), never left to a device
@@ -80,6 +80,11 @@ def test_device_resize_crop_matches_pil_and_both_decoders_agree(jpeg_shards):
                        if s["__key__"] in keys])
     assert images.shape == pil.shape == (len(keys), 3, 32, 32)
     assert (images.float() - pil.float()).abs().mean() < 3.0  # of 255: decoder + bicubic rounding only
+    # the fingerprints (copies of eval images): taken on the device from the whole decoded JPEG, as the worker
+    # takes them from the PIL image; the PNG and CMYK rows come from the worker itself
+    on_cpu = torch.stack([torch.from_numpy(cpu(dict(s))["fingerprint"]) for s in samples if s["__key__"] in keys])
+    assert fingerprints.shape == (len(keys), 64) and fingerprints.dtype == torch.uint8
+    assert ((fingerprints.float() - on_cpu.float()) ** 2).mean().sqrt() < 1.5  # grey levels, rms
 
 
 def test_refused_images_fall_back_to_the_cpu_one_by_one(jpeg_shards):
@@ -94,7 +99,7 @@ def test_refused_images_fall_back_to_the_cpu_one_by_one(jpeg_shards):
                if jpeg_kind(int(s["__key__"][3:])) in ("rgb", "gray")][:32]
     batch = collate_raw([RawJpegDecoder(cpu)(dict(s)) for s in samples])
     decoder = DeviceJpegDecoder("cpu", eval_resize_crop(32, data_cfg), transform)
-    plain = decoder(batch)[0]
+    plain, _, _, plain_fps = decoder(batch)
     real, calls = decoder.decode, []
 
     def refusing(data, device):  # refuses any batch holding the 4th or the 20th image
@@ -105,13 +110,15 @@ def test_refused_images_fall_back_to_the_cpu_one_by_one(jpeg_shards):
 
     decoder.decode = refusing
     decoder.counts = {k: 0 for k in decoder.counts}
-    images, keys, corrupt = decoder(batch)
-    assert keys == [s["__key__"] for s in samples] and corrupt == []
+    images, keys, corrupt, fps = decoder(batch)
+    assert keys == [s["__key__"] for s in samples] and corrupt == [] and fps.shape == (32, 64)
     assert decoder.counts == {"device_decoded": 30, "cpu_fallback": 2, "corrupt": 0}
     assert len(calls) < 32  # halves, not one call per image
     same = [i for i in range(32) if i not in (3, 19)]
     assert torch.equal(images[same], plain[same])
     assert (images[[3, 19]].float() - plain[[3, 19]].float()).abs().mean() < 3.0
+    assert torch.equal(fps[same], plain_fps[same])
+    assert ((fps[[3, 19]].float() - plain_fps[[3, 19]].float()) ** 2).mean().sqrt() < 1.5
 
 
 def test_no_decoder_on_the_device_falls_back_to_the_cpu_path(teacher_copy, digits_root, jpeg_shards, monkeypatch,

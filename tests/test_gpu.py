@@ -67,7 +67,7 @@ def test_nvjpeg_decodes_as_the_cpu_does():
     outputs = {}
     for device in ("cuda", "cpu"):
         decoder = DeviceJpegDecoder(torch.device(device), eval_resize_crop(224, data_cfg), transform)
-        images, keys, corrupt = decoder(batch)
+        images, keys, corrupt, _ = decoder(batch)
         outputs[device] = (images.cpu(), keys, corrupt, decoder.counts)
     (gpu, gkeys, gbad, gcounts), (cpu, ckeys, cbad, _) = outputs["cuda"], outputs["cpu"]
     assert batch["corrupt_keys"] == ["k7"]  # cut off: nvJPEG would decode it, the worker keeps it from it

@@ -178,8 +178,10 @@ def _rand_augment(images, spec: RandAugmentSpec, img_size: int):
 
 def build_pipeline(files: list[str], index_files: list[str], recipe: Recipe, batch_size: int, threads: int,
                    device_id: int | None, seed: int, shuffle: bool, shuffle_buffer: int = 1000,
-                   shard_id: int = 0, num_shards: int = 1, hw_decoder_load: float = 0.65):
-    """A DALI pipeline over webdataset shards: (images uint8 NHWC, source_info uint8 padded). device_id
+                   shard_id: int = 0, num_shards: int = 1, hw_decoder_load: float = 0.65, fingerprints: bool = False):
+    """A DALI pipeline over webdataset shards: (images uint8 NHWC, source_info uint8 padded), and with
+    fingerprints=True (an eval recipe) each whole decoded image's 8x8 grey thumbnail (data/fingerprints.py: PIL's
+    luma weights, a linear antialiased resize, as the torch path takes it). device_id
     None runs DALI's CPU operators; else decoding is "mixed" (nvJPEG, hardware where the GPU has it) and
     every later op runs on that GPU. Ordered pipelines (shuffle=False) pad their last batch by repeating
     its last sample; the caller trims it."""
@@ -211,10 +213,14 @@ def build_pipeline(files: list[str], index_files: list[str], recipe: Recipe, bat
             if recipe.randaugment is not None:
                 images = _rand_augment(images, recipe.randaugment, recipe.img_size)
         else:
-            images = fn.decoders.image(raw, device=decode_device, output_type=types.RGB, adjust_orientation=False,
-                                       **decode_kw)
-            images = _eval_geometry(images, fn.peek_image_shape(raw, dtype=types.INT32, adjust_orientation=False),
+            decoded = fn.decoders.image(raw, device=decode_device, output_type=types.RGB, adjust_orientation=False,
+                                        **decode_kw)
+            images = _eval_geometry(decoded, fn.peek_image_shape(raw, dtype=types.INT32, adjust_orientation=False),
                                     recipe)
+            if fingerprints:
+                grey = fn.color_space_conversion(decoded, image_type=types.RGB, output_type=types.GRAY)
+                thumbs = fn.resize(grey, size=[8, 8], interp_type=types.INTERP_LINEAR, antialias=True)
+                return images, info, thumbs
         return images, info
 
     p = pipe()
@@ -255,16 +261,17 @@ class PipelineRunner:
     on the pipeline's device, and each row's (shard, image offset). A DALI error stops the step with a
     DataError naming the shards the pipeline reads (and, where DALI says, the sample)."""
 
-    def __init__(self, pipe, files: list[str], device: torch.device):
+    def __init__(self, pipe, files: list[str], device: torch.device, fingerprints: bool = False):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.files, self.device = files, torch.device(device)
+        self.files, self.device, self.fingerprints = files, torch.device(device), fingerprints
         # said before DALI runs: DALI 2.4 on its CPU operators was seen to end the process with a segfault on a
         # pipeline error (about 4 runs in 5), instead of raising it; the log then still names the shards
         log.info("DALI pipeline (%s) reads %d shard(s): %s", "gpu" if self.device.type == "cuda" else "cpu",
                  len(files), self._shown())
         try:  # the iterator runs the pipeline's first batches as it is made
-            self.it = DALIGenericIterator([pipe], ["images", "info"], size=-1, auto_reset=False)
+            names = ["images", "info", *(["thumbs"] if fingerprints else [])]
+            self.it = DALIGenericIterator([pipe], names, size=-1, auto_reset=False)
         except Exception as e:  # noqa: BLE001 - whatever DALI raises, the user needs the shards it read
             raise self._error(e) from e
 
@@ -280,7 +287,8 @@ class PipelineRunner:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    def __next__(self) -> tuple:
+        """(images, each row's (shard, offset)), and with fingerprints the rows' uint8 (N, 64) thumbnails."""
         try:
             out = next(self.it)[0]
         except StopIteration:
@@ -288,6 +296,8 @@ class PipelineRunner:
         except Exception as e:  # noqa: BLE001 - whatever DALI raises, the user needs the shards it read
             raise self._error(e) from e
         images = out["images"].permute(0, 3, 1, 2)  # NHWC memory viewed as NCHW: channels_last, no copy
+        if self.fingerprints:
+            return images, parse_source_info(out["info"].numpy()), out["thumbs"].reshape(len(images), -1)
         return images, parse_source_info(out["info"].numpy())
 
 
@@ -407,34 +417,37 @@ def training_batches(files_all: list[str], records: dict[str, ShardRecord], inde
 
 def ordered_batches(urls: list[str], records: dict[str, ShardRecord], index_dir: Path, recipe: Recipe,
                     batch_size: int, threads: int, device: torch.device, labeled: bool, num_classes: int | None,
-                    audit_classes: bool = False) -> Iterator[dict]:
+                    audit_classes: bool = False, fingerprints: bool = False) -> Iterator[dict]:
     """One pass over `urls` (this process's shards) in shard order, as batches that never cross a shard
     (the torch path's ShardBatches and ordered_stream): {"shard", "keys", "labels", "images",
-    "corrupt_keys", "n_corrupt", "last"}, or {"shard", "error", "last"} for a shard the index pass could
-    not read. A shard none of whose images decodes yields one empty batch with its corrupt keys."""
+    "corrupt_keys", "n_corrupt", "last"} (and "fingerprints" with fingerprints=True), or {"shard", "error", "last"}
+    for a shard the index pass could not read. A shard none of whose images decodes yields one empty batch with its
+    corrupt keys."""
     readable = kept(records, urls)
     pipe_batches = None
     if readable:
         pipe = build_pipeline(readable, [str(index_path(index_dir, u)) for u in readable], recipe, batch_size,
-                              threads, device_id_of(device), 0, shuffle=False)
-        pipe_batches = PipelineRunner(pipe, readable, device)
-    pending: list[tuple[torch.Tensor, list[tuple[str, int]]]] = []  # rows read but not yet handed out
+                              threads, device_id_of(device), 0, shuffle=False, fingerprints=fingerprints)
+        pipe_batches = PipelineRunner(pipe, readable, device, fingerprints)
+    pending: list[list] = []  # rows read but not yet handed out: [images, where(, thumbs)]
 
-    def take(n: int) -> tuple[torch.Tensor, list[tuple[str, int]]]:
-        got_images, got_where, need = [], [], n
+    def take(n: int) -> tuple:
+        got, got_where, need = [], [], n
         while need:
             if not pending:
-                pending.append(next(pipe_batches))
-            images, where = pending[0]
+                pending.append(list(next(pipe_batches)))
+            part = pending[0]
+            where = part[1]
             use = min(need, len(where))
-            got_images.append(images[:use])
+            got.append([t[:use] for t in part[:1] + part[2:]])
             got_where.extend(where[:use])
             if use == len(where):
                 pending.pop(0)
             else:
-                pending[0] = (images[use:], where[use:])
+                pending[0] = [part[0][use:], where[use:], *(t[use:] for t in part[2:])]
             need -= use
-        return (torch.cat(got_images) if len(got_images) > 1 else got_images[0]), got_where
+        tensors = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*got, strict=True)]
+        return tensors[0], got_where, (tensors[1] if len(tensors) > 1 else None)
 
     for url in urls:
         rec = records[url]
@@ -449,15 +462,19 @@ def ordered_batches(urls: list[str], records: dict[str, ShardRecord], index_dir:
             continue
         for start in range(0, len(rec), batch_size):
             n = min(batch_size, len(rec) - start)
-            images, where = take(n)
+            images, where, thumbs = take(n)
             expect = rec.offsets[start:start + n]
             if [w[1] for w in where] != expect or any(w[0] != url for w in where):
                 raise DataError(f"DALI read the samples of {url} out of the order the index lists them: "
                                 "rerun the step (the shard may have changed during it)")
             first = start == 0
-            yield {"shard": url, "keys": rec.keys[start:start + n], "labels": torch.from_numpy(labels[start:start + n]),
-                   "images": images, "corrupt_keys": corrupt if first else [],
-                   "n_corrupt": len(corrupt) if first else 0, "last": start + n == len(rec)}
+            batch = {"shard": url, "keys": rec.keys[start:start + n],
+                     "labels": torch.from_numpy(labels[start:start + n]), "images": images,
+                     "corrupt_keys": corrupt if first else [], "n_corrupt": len(corrupt) if first else 0,
+                     "last": start + n == len(rec)}
+            if thumbs is not None:
+                batch["fingerprints"] = thumbs
+            yield batch
     # the pipeline pads the last batch of the pass with copies of its last sample: never handed out
 
 

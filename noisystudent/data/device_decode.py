@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .fingerprints import DIMS, fingerprint_pil, fingerprint_tensor
 from .shards import SampleDecoder, collate_counting, decode_image, image_key
 
 log = logging.getLogger(__name__)
@@ -150,31 +151,42 @@ class DeviceJpegDecoder:
             half = len(data) // 2
             return {**self._device_decode(data[:half], first), **self._device_decode(data[half:], first + half)}
 
-    def _cpu_decode(self, data: torch.Tensor) -> torch.Tensor | None:
+    def _cpu_decode(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the image, its fingerprint) on the device, or None for an image that does not decode."""
         try:
             img = decode_image(data.numpy().tobytes(), self.draft_size)
         except Exception:  # noqa: BLE001 - not decodable at all: a corrupt image
             return None
-        return torch.from_numpy(np.array(self.cpu_transform(img))).permute(2, 0, 1).to(self.device)
+        fp = torch.from_numpy(fingerprint_pil(img)).to(self.device)
+        return torch.from_numpy(np.array(self.cpu_transform(img))).permute(2, 0, 1).to(self.device), fp
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, list[str], list[str]]:
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, list[str], list[str], torch.Tensor]:
+        """(images, keys, corrupt keys, each image's fingerprint: uint8 (N, 64) on the device, taken from the
+        whole decoded image as the CPU path takes it; data/fingerprints.py)."""
         data = list(torch.split(batch["jpeg_bytes"], batch["jpeg_sizes"])) if batch["jpeg_sizes"] else []
         decoded = self._device_decode(data, 0) if data else {}
         worker_images = batch["images"].to(self.device, non_blocking=True) if batch["images"].numel() else None
-        rows, keys, corrupt = [], [], []
+        worker_fps = batch["fingerprints"].to(self.device) if "fingerprints" in batch else None
+        rows, keys, corrupt, fps = [], [], [], []
         j = w = 0
         for key, is_jpeg in zip(batch["keys"], batch["is_jpeg"], strict=True):
             if not is_jpeg:
                 rows.append(worker_images[w])
+                fps.append(worker_fps[w] if worker_fps is not None else
+                           torch.zeros(DIMS, dtype=torch.uint8, device=self.device))
                 w += 1
             else:
                 img = decoded[j]
                 if img is not None:
+                    fps.append(fingerprint_tensor(img))
                     img = self.resize_crop(img)
                     self.counts["device_decoded"] += 1
                 else:
-                    img = self._cpu_decode(data[j])
-                    self.counts["cpu_fallback" if img is not None else "corrupt"] += 1
+                    got = self._cpu_decode(data[j])
+                    self.counts["cpu_fallback" if got is not None else "corrupt"] += 1
+                    if got is not None:
+                        img, fp = got
+                        fps.append(fp)
                 j += 1
                 if img is None:
                     corrupt.append(key)
@@ -183,4 +195,5 @@ class DeviceJpegDecoder:
             keys.append(key)
         self.counts["cpu_fallback"] += batch["cpu_fallback"]
         images = torch.stack(rows) if rows else torch.empty(0, dtype=torch.uint8, device=self.device)
-        return images, keys, corrupt
+        fingerprints = torch.stack(fps) if fps else torch.zeros((0, DIMS), dtype=torch.uint8, device=self.device)
+        return images, keys, corrupt, fingerprints

@@ -8,6 +8,8 @@ Format: safetensors (byte-for-byte deterministic, read array by array without lo
     corrupt_utf8 / corrupt_offsets   keys of images that did not decode (skipped)
     logit_lse float32[n], max_logit float32[n]   (format 2) the logits' logsumexp and maximum at temperature 1:
                           out-of-domain scores (energy = -logit_lse; pseudolabels/pool.py)
+    fingerprint uint8[n, 64]   (format 3) each image's 8x8 grey thumbnail (data/fingerprints.py): what finds the
+                          copies of eval images in the pool
     cls int32[n]          (only when a sample carried one) its true class for the audit: -1 where unknown, -2 for
                           an image of no class of the data set (its `cls` was -1)
     confidence_raw float32[n]   (only with pseudolabel.calibrate) the top-1 probability before calibration
@@ -15,7 +17,8 @@ metadata: format, shard, num_classes, topk, temperature, hard, images, corrupt.
 Written under a temporary name and renamed when whole, so a file that exists is complete.
 
 Format 1 files (no `format` in the metadata: versions before the out-of-domain scores) are still read: everything
-works from them but what needs the scores (the out-of-domain filter and count), which says to label again."""
+works from them but what needs the scores (the out-of-domain filter and count), which says to label again. Format 2
+files (before the fingerprints) likewise: the search for copies of eval images refuses them, saying what to do."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from ..errors import DataError
 from ..files import atomic_write_bytes
 
 SUFFIX = ".labels.safetensors"
-FORMAT = 2  # the label files this version writes (the module's docstring)
+FORMAT = 3  # the label files this version writes (the module's docstring)
 SCORES = ("logit_lse", "max_logit")  # the out-of-domain scores a format-2 file holds
 ERROR_SUFFIX = ".error.json"
 
@@ -94,8 +97,8 @@ def topk_arrays(ids, vals):
 def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_ids: np.ndarray,
                      topk_probs: np.ndarray, confidence: np.ndarray, argmax: np.ndarray,
                      corrupt_keys: list[str], meta: dict, extra: dict[str, np.ndarray] | None = None) -> None:
-    """`extra`: the optional arrays (cls, confidence_raw, and the scores logit_lse and max_logit that every file
-    this version writes has), one value per key."""
+    """`extra`: the optional arrays (cls, confidence_raw, and the scores logit_lse and max_logit and the fingerprint
+    that every file this version writes has), one row per key."""
     kb, ko = _encode_strings(keys)
     cb, co = _encode_strings(corrupt_keys)
     n = len(keys)
@@ -111,11 +114,14 @@ def write_label_file(path: str | os.PathLike, shard: str, keys: list[str], topk_
         "corrupt_utf8": cb, "corrupt_offsets": co,
     }
     for name, arr in (extra or {}).items():
+        if name == "fingerprint":
+            tensors[name] = np.ascontiguousarray(arr, dtype=np.uint8).reshape(n, -1)
+            continue
         tensors[name] = np.ascontiguousarray(arr, dtype=np.int32 if name == "cls" else np.float32).reshape(n)
     metadata = {k: str(v) for k, v in meta.items()}
     metadata.update(shard=shard, images=str(n), corrupt=str(len(corrupt_keys)))
     if all(name in tensors for name in SCORES):
-        metadata["format"] = str(FORMAT)
+        metadata["format"] = str(FORMAT if "fingerprint" in tensors else 2)
     # one metadata entry holding sorted JSON: safetensors writes several entries in hash-map
     # order, which would make identical labels differ byte for byte between runs
     atomic_write_bytes(path, save(tensors, metadata={"noisystudent": json.dumps(metadata, sort_keys=True)}))
@@ -151,6 +157,11 @@ class LabelFile:
     def has_scores(self) -> bool:
         """Whether the file holds the out-of-domain scores (format 2)."""
         return all(self.has(name) for name in SCORES)
+
+    @property
+    def has_fingerprints(self) -> bool:
+        """Whether the file holds the images' fingerprints (format 3)."""
+        return self.has("fingerprint")
 
     @property
     def hard(self) -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 import torch
 from PIL import Image
 
@@ -194,15 +195,17 @@ class SampleDecoder:
 
     A sample with no image entry at all is an error (the shards are not image shards); an image
     entry that does not decode is a corrupt image: returned with image None and the reason, counted,
-    dropped. Only decoding is guarded: an exception in the transform is a bug and propagates as one."""
+    dropped. Only decoding is guarded: an exception in the transform is a bug and propagates as one.
+    fingerprint=True: the decoded image's fingerprint too (data/fingerprints.py; what labeling keeps)."""
 
     def __init__(self, transform: Callable, num_classes: int | None, labeled: bool, draft_size: int | None = None,
-                 audit_classes: bool = False):
+                 audit_classes: bool = False, fingerprint: bool = False):
         self.transform = transform
         self.num_classes = num_classes
         self.labeled = labeled
         self.draft_size = draft_size
         self.audit_classes = audit_classes
+        self.fingerprint = fingerprint
 
     def label_of(self, sample: dict) -> int:
         if self.labeled:
@@ -227,6 +230,10 @@ class SampleDecoder:
         except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt image, counted by the caller
             out["error"] = f"shard {url}, sample {key!r}: {type(e).__name__}: {e}"
             return out
+        if self.fingerprint:
+            from .fingerprints import fingerprint_pil
+
+            out["fingerprint"] = fingerprint_pil(image)
         out["image"] = self.transform(image)
         for extra in ("repeat", "target"):
             if extra in sample:
@@ -268,4 +275,6 @@ def collate_counting(samples: list[dict]) -> dict:
     batch["images"] = stack_hwc([s["image"] for s in good]) if good else torch.empty(0)
     if good and "target" in good[0]:
         batch["targets"] = torch.stack([s["target"] for s in good])
+    if good and "fingerprint" in good[0]:
+        batch["fingerprints"] = torch.from_numpy(np.stack([s["fingerprint"] for s in good]))
     return batch

@@ -37,8 +37,10 @@ def check_policy(p: Policy) -> None:
 
 
 def choose(files: list[LabelFile], reference_files: list[LabelFile], num_classes: int, policy: Policy,
-           reference_source: str = "data.val") -> tuple[Selection, dict, dict]:
-    """(the selection, the pool estimate, the class statistics of the selection's first pass)."""
+           reference_source: str = "data.val", excluded: dict[str, np.ndarray] | None = None
+           ) -> tuple[Selection, dict, dict]:
+    """(the selection, the pool estimate, the class statistics of the selection's first pass). `excluded`: label
+    file name -> rows never selected (copies of eval images: copies.py)."""
     check_policy(policy)
     reference = reference_from_files(reference_files, num_classes, policy.pool, reference_source)
     if policy.ood_filter and reference is None:
@@ -53,7 +55,7 @@ def choose(files: list[LabelFile], reference_files: list[LabelFile], num_classes
     correct = policy.prior_correction is True or (policy.prior_correction == "auto" and reference is not None)
     weights = np.array(pool["class_weights"], dtype=np.float32) if correct else None
     reading = Reading(policy.selection.threshold, weights, policy.pool.score,
-                      pool["ood"]["cutoff"] if policy.ood_filter else None)
+                      pool["ood"]["cutoff"] if policy.ood_filter else None, excluded or None)
     prior = {"uniform": None, "labeled": pool["train_prior"],
              "estimated": pool["estimated_share"]}[policy.selection.balance_target]
     stats = class_statistics(files, num_classes, reading)

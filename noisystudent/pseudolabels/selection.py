@@ -108,6 +108,7 @@ class Reading:
     weights: np.ndarray | None = None
     ood_score: str | None = None  # the score's name (recorded even when it filters nothing)
     ood_cut: float | None = None  # images with a score below it are dropped (None: no filter)
+    excluded: dict[str, np.ndarray] | None = None  # label file name -> rows never selected (copies of eval images)
 
     def rows(self, f: LabelFile) -> Rows:
         kh = f["keyhash"]
@@ -127,6 +128,8 @@ class Reading:
         ood = in_domain_score(f, self.ood_score) if self.ood_score else None
         if self.ood_cut is not None:
             passes &= ood >= np.float32(self.ood_cut)
+        if self.excluded and f.path.name in self.excluded:
+            passes[self.excluded[f.path.name]] = False
         return Rows(conf, argmax, kh, scores(conf, kh), ood, passes, ids, probs, rest)
 
 
@@ -141,12 +144,14 @@ class Selection:
     weights: np.ndarray | None = None  # the prior correction's class weights
     ood: dict | None = None  # {"score", "cut", "filter"}: images below cut are dropped when filter
     class_cut: list[int] | None = None  # class_quantile: per class, images with a lower score are dropped
+    excluded: dict[str, np.ndarray] | None = None  # label file name -> rows never selected (copies of eval images)
     settings: dict = field(default_factory=dict)  # balance_target, max_repeat, class_quantile, prior (recorded)
 
     @property
     def reading(self) -> Reading:
         ood = self.ood or {}
-        return Reading(self.threshold, self.weights, ood.get("score"), ood.get("cut") if ood.get("filter") else None)
+        return Reading(self.threshold, self.weights, ood.get("score"), ood.get("cut") if ood.get("filter") else None,
+                       self.excluded)
 
     def rows(self, f: LabelFile) -> Rows:
         """The file's rows with the selection applied: Rows plus .repeats (times each image appears in the
@@ -232,6 +237,7 @@ class Selection:
             "class_weights": None if self.weights is None else [float(w) for w in self.weights],
             "ood": self.ood,
             "class_cut_score": None if self.class_cut is None else [int(c) for c in self.class_cut],
+            "excluded_rows": {k: v.tolist() for k, v in sorted((self.excluded or {}).items())},
             **self.settings,
         }
 
@@ -245,6 +251,7 @@ class Selection:
                    weights=None if weights is None else np.array(weights, dtype=np.float32),
                    ood=d.get("ood"), class_cut=None if d.get("class_cut_score") is None else
                    [int(c) for c in d["class_cut_score"]],
+                   excluded={k: np.array(v, dtype=np.int64) for k, v in d.get("excluded_rows", {}).items()} or None,
                    settings={k: d[k] for k in ("balance_target", "max_repeat", "class_quantile", "prior",
                                                "prior_correction", "prior_targets") if k in d})
 
@@ -396,7 +403,7 @@ def select(files: list[LabelFile], num_classes: int, threshold: float | Selectio
     if not s.balance:
         return Selection(s.threshold, None, counts, (counts > 0).astype(np.int64), [NO_EXTRA] * num_classes,
                          targets=counts.copy(), weights=reading.weights, ood=ood, class_cut=class_cut,
-                         settings=recorded)
+                         excluded=reading.excluded, settings=recorded)
     if s.balance_target != "uniform" and prior is None:
         raise ConfigError(f"pseudolabel.balance_target={s.balance_target}: no class prior to follow (the labeled "
                           "set's is measured on data.val; the pool's is the pool estimate's): set data.val, or use "
@@ -408,7 +415,7 @@ def select(files: list[LabelFile], num_classes: int, threshold: float | Selectio
     extra = np.where(counts >= targets, targets, targets - base * counts) * (counts > 0)
     cuts = top_k_cuts(files, extra, counts, reading, class_cut)
     return Selection(s.threshold, n, counts, base.astype(np.int64), cuts, targets=targets, weights=reading.weights,
-                     ood=ood, class_cut=class_cut, settings=recorded)
+                     ood=ood, class_cut=class_cut, excluded=reading.excluded, settings=recorded)
 
 
 def effective_thresholds(sel: Selection) -> list[float]:

@@ -206,6 +206,8 @@ def _labeling_record(s: dict) -> dict:
                                                   "ece")}
     if s.get("calibration"):
         out["calibration"] = {k: s["calibration"][k] for k in ("temperature", "source", "images", "before", "after")}
+    if s.get("eval_copies"):
+        out["eval_copies"] = {k: s["eval_copies"].get(k) for k in ("found", "excluded", "checked_against", "max_rms")}
     return out
 
 
@@ -228,7 +230,7 @@ def pseudolabel_sections(run_dir: Path, labeling: dict[int, dict]) -> str:
     for k, s in labeling.items():
         rel = os.path.relpath(pseudolabel_dir(run_dir, k), run_dir)
         lines += ["", f"### Round {k}", ""]
-        lines += pool_lines(s) + [f"![round {k} selection]({rel}/selection.png)", ""]
+        lines += copies_lines(s, rel) + pool_lines(s) + [f"![round {k} selection]({rel}/selection.png)", ""]
         if s.get("pool"):
             lines += [f"![round {k}: the pool's classes and out-of-domain scores]({rel}/pool.png)", ""]
         for name, a in (s.get("audit") or {}).items():
@@ -269,6 +271,25 @@ def pseudolabel_sections(run_dir: Path, labeling: dict[int, dict]) -> str:
             for sh in s["sheets"]:
                 lines += [f"![{sh['kind']}]({rel}/{sh['file']})", ""]
     return "\n".join(lines) + "\n"
+
+
+def copies_lines(s: dict, rel: str, show: int = 5) -> list[str]:
+    """What a round found of copies of eval images in its pool (a pseudolabel summary's `eval_copies`)."""
+    c = s.get("eval_copies")
+    if not c:
+        return []
+    if c.get("found") is None:
+        return [f"- copies of eval images: {c.get('why', 'not checked')}."]
+    sets = ", ".join(f"{n} ({m:,} images)" for n, m in c["checked_against"].items())
+    if not c["found"]:
+        return [f"- copies of eval images: none found against {sets} (max_rms {c['max_rms']:g})."]
+    shown = "; ".join(f"`{e['key']}` ({os.path.basename(e['shard'])}) = {e['eval_set']} `{e['eval_key']}`"
+                      for e in c["examples"][:show])
+    more = f" and {c['found'] - show:,} more" if c["found"] > show else ""
+    what = ("kept out of the selection" if c["excluded"]
+            else "left in the selection (pseudolabel.eval_copies.exclude=false)")
+    return [f"- copies of eval images: {c['found']:,} pool images match an image of {sets} (max_rms {c['max_rms']:g}), "
+            f"{what}: {shown}{more}; every one in `{rel}/{c.get('file', 'eval_copies.json')}`."]
 
 
 def pool_lines(s: dict) -> list[str]:

@@ -34,6 +34,16 @@ from ..models.inference import prepare
 from ..pseudolabels.audit import audit_label_files, plot_audits
 from ..pseudolabels.calibration import fit_temperature
 from ..pseudolabels.choose import Policy, check_policy, choose
+from ..pseudolabels.copies import (
+    CACHE,
+    COPIES,
+    EXAMPLES,
+    CopySettings,
+    EvalSide,
+    copy_settings,
+    find_copies,
+    write_copies,
+)
 from ..pseudolabels.labeling import Decoding, run_model
 from ..pseudolabels.pool import PoolSettings, plot_pool
 from ..pseudolabels.selection import HIST_BINS, Selection, SelectionSettings, effective_thresholds
@@ -43,7 +53,7 @@ from ..reporting.evaluation import evaluate
 from ..reporting.plots import pct, pyplot, save_png
 from ..rundir import command_for_round, model_dir_for_round, pseudolabel_dir
 from ..training.engine import peak_device_memory_mib
-from .common import choice_set, class_names, dali_eval, num_classes, shards, warn_chosen_on_eval
+from .common import choice_set, class_names, dali_eval, eval_set_shards, num_classes, shards, warn_chosen_on_eval
 from .contract import Step, StepRun, main_decides
 
 log = logging.getLogger(__name__)
@@ -76,6 +86,7 @@ class LabelSettings:
     calibrate: bool
     policy: Policy  # the selection's levers and the pool estimate's settings
     sheets: tuple[int, int]  # contact sheets: images per panel, classes at most
+    copies: CopySettings  # copies of eval images in the pool: found, counted, kept out of the selection
 
 
 def settings(cfg: DictConfig) -> LabelSettings:
@@ -109,12 +120,12 @@ def settings(cfg: DictConfig) -> LabelSettings:
                          bool(p.strict_shards), bool(p.fuse_bn), bool(p.compile), str(p.decode),
                          bool(p.jpeg_draft), bool(p.audit), bool(p.calibrate), policy,
                          (positive_int(cfg, "pseudolabel.sheets.images"),
-                          positive_int(cfg, "pseudolabel.sheets.classes")))
+                          positive_int(cfg, "pseudolabel.sheets.classes")), copy_settings(p))
 
 
 POLICY_KEYS = ("pseudolabel.prior", "pseudolabel.prior_correction", "pseudolabel.prior_targets", "pseudolabel.ood",
                "pseudolabel.class_quantile", "pseudolabel.balance_target", "pseudolabel.max_repeat",
-               "pseudolabel.sheets")
+               "pseudolabel.sheets", "pseudolabel.eval_copies")
 
 
 def reads(cfg: DictConfig) -> dict:
@@ -122,7 +133,7 @@ def reads(cfg: DictConfig) -> dict:
                                "pseudolabel.threshold", "pseudolabel.topk",
                                "pseudolabel.temperature", "pseudolabel.hard", "pseudolabel.balance",
                                "pseudolabel.per_class", "pseudolabel.decode", "pseudolabel.audit",
-                               "pseudolabel.calibrate", "data.audit", "data.loader", *POLICY_KEYS,
+                               "pseudolabel.calibrate", "data.audit", "data.loader", "data.eval", *POLICY_KEYS,
                                *(("data.calibration",) if cfg.pseudolabel.get("calibrate") else ()),
                                *(("data.val",) if cfg.data.get("val") else ())))
 
@@ -143,9 +154,12 @@ def inputs(cfg: DictConfig, s: LabelSettings) -> dict:
         if key == "data.eval":
             warn_chosen_on_eval("pseudolabel.calibrate=true fits the temperature")
         calibration = (key, shards(cfg, key.split(".")[1]))
+    # the sets whose copies are kept out of the pool: the one the report scores and every eval.sets
+    eval_sets = {"data.eval": shards(cfg, "eval")} if cfg.data.get("eval") else {}
+    eval_sets.update({f"eval.sets.{es.name}": found for es, found in eval_set_shards(cfg)})
     return {"model": model, "info": info, "urls": urls, "paths": paths, "audit_urls": audit_urls,
             "audit_paths": audit_paths, "val_urls": val_urls, "val_paths": val_paths, "calibration": calibration,
-            "class_names": class_names(cfg, s.num_classes)}
+            "class_names": class_names(cfg, s.num_classes), "eval_sets": eval_sets}
 
 
 def labeled_apart(cfg: DictConfig, name: str, unlabeled: list[str], folder: Path) -> tuple[list[str], dict]:
@@ -191,8 +205,12 @@ def label_shards(run: StepRun, model, transform, resize_crop, normalize: InputNo
             extra["cls"] = done["cls"]
         if done["confidence_raw"] is not None:
             extra["confidence_raw"] = done["confidence_raw"]
-        for name in SCORES:  # a shard none of whose images decoded still gets (empty) scores: format 2
+        for name in SCORES:  # a shard none of whose images decoded still gets (empty) scores and fingerprints
             extra[name] = done[name] if done[name] is not None else np.zeros(0, np.float32)
+        if done["fingerprint"] is not None:  # a file without them (format 2) is refused by the copy check
+            extra["fingerprint"] = done["fingerprint"]
+        elif not done["keys"]:
+            extra["fingerprint"] = np.zeros((0, 64), np.uint8)
         write_label_file(paths[url], url, done["keys"], done["topk_ids"], done["topk_probs"], done["confidence"],
                          done["argmax"], done["corrupt"], meta, extra)
         stats["images"] += len(done["keys"])
@@ -283,11 +301,43 @@ def work(run: StepRun) -> dict:
     accelerator.wait_for_everyone()  # every label file is written
     if not accelerator.is_main_process:
         return {}
+    run.inputs["copies"] = eval_copies(run)
     summary, selection = select_and_summarize(s, run.out, run.inputs, info, applied, labeled_now, wall,
                                               accelerator.num_processes)
     summary["temperature"] = run.inputs["temperature"]  # the one the labels were made with
     return {**summary, **audit_and_calibration(s, run.out, selection, urls, paths, audit_urls, audit_paths,
                                                calibration)}
+
+
+def eval_copies(run: StepRun) -> dict:
+    """Main process: the pool images that copy an eval image ({"rows": label file name -> rows, "summary"}), written
+    to eval_copies.json; their rows are kept out of the selection unless pseudolabel.eval_copies.exclude=false."""
+    s, cfg, inp = run.settings, run.cfg, run.inputs
+    c = s.copies
+    summary = {"exclude": c.exclude, "max_rms": c.max_rms, "checked_against": {}, "found": None, "excluded": 0}
+    if not inp["eval_sets"]:
+        summary["why"] = "nothing to check against: no data.eval or eval.sets"
+        return {"rows": {}, "summary": summary}
+    files = LabelFiles([inp["paths"][u] for u in inp["urls"] if inp["paths"][u].exists()])
+    old = next((f for f in files if not f.has_fingerprints), None)
+    if old is not None and not c.exclude:
+        summary["why"] = (f"not checked: label files of an older version (format {old.format}, {old.path}) hold no "
+                          "fingerprints; rerun with force=true to check")
+        log.warning("pseudolabel: %s", summary["why"])
+        return {"rows": {}, "summary": summary}
+    t0 = time.time()
+    side = EvalSide.read(inp["eval_sets"], Path(cfg.run_dir) / CACHE, s.batch_size, int(cfg.num_workers),
+                         worker_nice(cfg, run.accelerator.device))
+    rows, records = find_copies(files, side, c.max_rms)
+    write_copies(run.out, records)
+    summary.update(checked_against=side.images, found=len(records), excluded=len(records) if c.exclude else 0,
+                   file=COPIES, examples=records[:EXAMPLES], wall_s=round(time.time() - t0, 2))
+    if records:
+        log.warning("pseudolabel: %d pool images are copies of eval images (%s)%s; every one is in %s",
+                    len(records), ", ".join(sorted({r["eval_set"] for r in records})),
+                    ", kept out of the selection" if c.exclude else ", and stay in the selection "
+                    "(pseudolabel.eval_copies.exclude=false)", run.out / COPIES)
+    return {"rows": rows if c.exclude else {}, "summary": summary}
 
 
 def labeled_at_another_temperature(paths: list[Path], temperature: float, calibrated: bool,
@@ -375,7 +425,7 @@ def select_and_summarize(s: LabelSettings, out: Path, inp: dict, info, applied, 
     reference = LabelFiles([inp["val_paths"][u] for u in inp["val_urls"] if inp["val_paths"][u].exists()])
     for f in LabelFiles(files.paths + reference.paths):
         check_num_classes(f.num_classes, nc, f"label file {f.path}", "rerun with force=true")
-    sel, pool, stats = choose(files, reference, nc, s.policy)
+    sel, pool, stats = choose(files, reference, nc, s.policy, excluded=inp["copies"]["rows"])
     sel_json = sel.to_json()
     empty = [c for c in range(nc) if sel_json["counts_before"][c] == 0]
     if empty:
@@ -395,6 +445,7 @@ def select_and_summarize(s: LabelSettings, out: Path, inp: dict, info, applied, 
         "corrupt_skipped": corrupt,
         "images_above_threshold": int(stats["above_threshold"].sum()),
         "images_kept_by_threshold": int(sum(sel_json["counts_before"])),
+        "eval_copies": inp["copies"]["summary"],
         "images_after_balancing": int(sum(sel_json["counts_after"])),
         "classes_without_images": empty,
         "threshold": s.threshold,
@@ -432,4 +483,4 @@ def select_and_summarize(s: LabelSettings, out: Path, inp: dict, info, applied, 
 
 STEP = Step("pseudolabel", settings, reads, inputs, work, out_dir=lambda cfg: pseudolabel_dir(cfg.run_dir, cfg.round),
             outputs=("labels", AUDIT_LABELS, VAL_LABELS, SELECTION, "selection.png", AUDIT_PLOT, CALIBRATION, POOL_PLOT,
-                     SHEETS), per_round=True)
+                     SHEETS, COPIES), per_round=True)

@@ -1,0 +1,177 @@
+"""Copies of eval images in the unlabeled pool: found from the label files' fingerprints and kept out of the
+selection, so a student is never taught the answer to an image its report scores (docs/pseudolabels.md).
+
+The eval side (data.eval and every eval.sets) is read once: each image's crop variants (data/fingerprints.py) go into
+a cache beside the run (run_dir/eval_fingerprints/), one file per set, named by a digest of the set's shards (path,
+size, modification time) and of the geometry; a later step, round or rerun over the same shards reads it back.
+Matching runs on the main process over the label files one at a time (the pool side is 64 bytes per image, read file
+by file; the eval side is held whole: 200 variants x 64 bytes per eval image, plus 4 bytes of norm and 8 of owner per
+variant: 15 KiB per eval image)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save
+
+from ..data.fingerprints import CANON, FINE, EvalIndex, canvas, fine_canvas, match_refined, variant_count, variants
+from ..data.labels import LabelFile, _decode_strings, _encode_strings
+from ..data.shards import SampleDecoder
+from ..data.streams import ShardBatches, make_loader
+from ..errors import ConfigError
+from ..files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CACHE = "eval_fingerprints"  # under run_dir
+COPIES = "eval_copies.json"  # every match of the step, beside its summary
+EXAMPLES = 20  # matches listed in summary.json (all of them are in eval_copies.json)
+VERSION = 2  # of the cached variants: a change of the fingerprint makes old caches unread
+LOOSE = 2.0  # pool images whose nearest variant is within LOOSE x max_rms get the fine crop search
+MAX_RMS = 3.8  # the default: the 99.5th percentile of planted copies' distances on training images (bench_copies.py)
+
+
+@dataclass(frozen=True)
+class CopySettings:
+    """pseudolabel.eval_copies.*"""
+    exclude: bool  # matched pool images are dropped from the selection (counted either way)
+    max_rms: float  # a pool image within this many grey levels (rms over the 8x8 thumbnail) of an eval image's
+    # variant is a copy of it
+
+
+def copy_settings(p) -> CopySettings:
+    c = p.get("eval_copies") or {}
+    exclude, max_rms = c.get("exclude", True), c.get("max_rms", MAX_RMS)
+    if not isinstance(exclude, bool):
+        raise ConfigError(f"pseudolabel.eval_copies.exclude={exclude!r}: use true (copies of eval images are kept "
+                          "out of the selection) or false (counted only)")
+    if isinstance(max_rms, bool) or not isinstance(max_rms, int | float) or not 0 < float(max_rms) <= 64:
+        raise ConfigError(f"pseudolabel.eval_copies.max_rms={max_rms!r}: a distance in grey levels in (0, 64]; "
+                          f"{MAX_RMS} finds 99.5% of re-posted copies (docs/pseudolabels.md#copies-of-eval-images)")
+    return CopySettings(exclude, float(max_rms))
+
+
+def _digest(urls: list[str]) -> str:
+    h = hashlib.sha256(json.dumps({"version": VERSION}).encode())
+    for u in urls:
+        st = os.stat(u)
+        h.update(json.dumps([os.path.abspath(u), st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()[:16]
+
+
+def _both_canvases(img) -> np.ndarray:
+    """The eval pass's transform: an image's canvas (28x28) and fine canvas (112x112), packed into one HWC row so
+    the loader stacks them like any image (`_unpack` splits them)."""
+    both = np.concatenate([canvas(img).reshape(-1), fine_canvas(img).reshape(-1)])
+    return both.reshape(1, -1, 1)
+
+
+def _unpack(images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    flat = images.reshape(len(images), -1)
+    return (flat[:, :CANON * CANON].reshape(-1, 1, CANON, CANON).contiguous(),
+            flat[:, CANON * CANON:].reshape(-1, FINE, FINE).numpy().copy())
+
+
+def eval_variants(name: str, urls: list[str], cache_dir: Path, batch_size: int, workers: int,
+                  nice: int = 0) -> tuple[Path, list[str], list[str]]:
+    """(the cache file of one eval set, each image's shard, its key): its images' variants (uint8 (N, V, 64)) and
+    fine canvases (uint8 (N, 112, 112)), from the cache or read now (and cached: written under a temporary name and
+    renamed, so two runs filling it at once leave one whole file)."""
+    slug = name.replace("/", "_")
+    path = cache_dir / f"{slug}-{_digest(urls)}.safetensors"
+    if path.exists():
+        with safe_open(str(path), framework="np") as f:
+            shards = [urls[i] for i in f.get_tensor("shard").tolist()]
+            return path, shards, _decode_strings(f.get_tensor("keys_utf8"), f.get_tensor("key_offsets"))
+    decoder = SampleDecoder(_both_canvases, None, labeled=False)
+    loader = make_loader(ShardBatches(urls, decoder, batch_size), workers, len(urls), nice)
+    at = {u: i for i, u in enumerate(urls)}
+    parts, fines, shard, keys = [], [], [], []
+    with torch.inference_mode():
+        for batch in loader:
+            if "error" in batch:
+                raise ConfigError(f"{name}: shard {batch['shard']} cannot be read ({batch['error']}), so pool images "
+                                  "cannot be checked against it: fix the shard, or set "
+                                  "pseudolabel.eval_copies.exclude=false and check by hand")
+            if not batch["keys"]:
+                continue
+            coarse, fine = _unpack(batch["images"])
+            parts.append(variants(coarse).numpy())
+            fines.append(fine)
+            shard += [at[batch["shard"]]] * len(batch["keys"])
+            keys += list(batch["keys"])
+    # C order: safetensors writes the raw buffer, whatever the strides
+    v = np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, variant_count(), 64), np.uint8)
+    fine = np.ascontiguousarray(np.concatenate(fines)) if fines else np.zeros((0, FINE, FINE), np.uint8)
+    kb, ko = _encode_strings(keys)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save({"variants": v, "fine": fine, "shard": np.array(shard, np.int32), "keys_utf8": kb,
+                                   "key_offsets": ko}, metadata={"set": name}))
+    log.info("%s: %d images fingerprinted (%d variants each) -> %s", name, len(keys), v.shape[1], path)
+    return path, [urls[i] for i in shard], keys
+
+
+@dataclass
+class EvalSide:
+    """Every eval image's variants, indexed, what each row is, and where its fine canvas is read from."""
+    index: EvalIndex
+    owners: list[tuple[str, str, str]]  # (set, shard, key) per eval image
+    images: dict[str, int]  # per set
+    files: list[tuple[int, Path]]  # (first row, cache file) per set: fine canvases are read row by row, when asked
+
+    def fine_of(self, row: int) -> np.ndarray:
+        first, path = next((a, p) for a, p in reversed(self.files) if a <= row)
+        with safe_open(str(path), framework="np") as f:
+            return f.get_slice("fine")[row - first]
+
+    @classmethod
+    def read(cls, sets: dict[str, list[str]], cache_dir: Path, batch_size: int, workers: int,
+             nice: int = 0) -> EvalSide:
+        parts, owners, images, files = [], [], {}, []
+        for name, urls in sets.items():
+            path, shards, keys = eval_variants(name, urls, cache_dir, batch_size, workers, nice)
+            with safe_open(str(path), framework="np") as f:
+                parts.append(f.get_tensor("variants"))
+            files.append((len(owners), path))
+            owners += [(name, s, k) for s, k in zip(shards, keys, strict=True)]
+            images[name] = len(keys)
+        v = np.concatenate(parts) if parts else np.zeros((0, 1, 64), np.uint8)
+        return cls(EvalIndex.build(v), owners, images, files)
+
+
+def find_copies(files: Iterable[LabelFile], side: EvalSide, max_rms: float) -> tuple[dict[str, np.ndarray], list]:
+    """({label file name: rows that copy an eval image}, one record per match), file by file. A record's `refined`:
+    the match needed the fine crop search (data/fingerprints.py: `refine`)."""
+    rows_by_file: dict[str, np.ndarray] = {}
+    records = []
+    for f in files:
+        if not f.has_fingerprints:
+            raise ConfigError(f"label file {f.path} was made by an older version (format {f.format}) and holds no "
+                              "image fingerprints, so its images cannot be checked for copies of eval images: rerun "
+                              "stage=pseudolabel with force=true to label again, or set "
+                              "pseudolabel.eval_copies.exclude=false (nothing is then checked)")
+        found, dist, refined = match_refined(f["fingerprint"], side.index, side.fine_of, max_rms, LOOSE * max_rms)
+        hit = np.flatnonzero(found >= 0)
+        if not len(hit):
+            continue
+        rows_by_file[f.path.name] = hit
+        keys = f.keys()
+        shard = f.meta.get("shard", f.path.name)
+        for i in hit.tolist():
+            name, eshard, ekey = side.owners[int(found[i])]
+            records.append({"shard": shard, "key": keys[i], "eval_set": name, "eval_shard": eshard,
+                            "eval_key": ekey, "rms": round(float(dist[i]), 2), "refined": bool(refined[i])})
+    return rows_by_file, records
+
+
+def write_copies(out: Path, records: list[dict]) -> None:
+    atomic_write_bytes(out / COPIES, json.dumps(records, indent=0).encode())
