@@ -44,10 +44,16 @@ FINE = FINE_SCALE * CANON
 LUMA = (0.299, 0.587, 0.114)  # PIL's convert("L")
 
 
+def _grey_square(img: Image.Image, side: int) -> np.ndarray:
+    """An image -> uint8 (side, side) grey (PIL's luma), resized with PIL's bilinear filter (antialiased when it
+    shrinks), its aspect ratio not kept: the one resize behind the fingerprint and both eval canvases."""
+    grey = img if img.mode == "L" else img.convert("L")
+    return np.array(grey.resize((side, side), Image.BILINEAR), dtype=np.uint8)
+
+
 def fingerprint_pil(img: Image.Image) -> np.ndarray:
     """A decoded image -> its uint8 (64,) fingerprint."""
-    grey = img if img.mode == "L" else img.convert("L")
-    return np.array(grey.resize((SIDE, SIDE), Image.BILINEAR), dtype=np.uint8).reshape(DIMS)
+    return _grey_square(img, SIDE).reshape(DIMS)
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
@@ -74,15 +80,13 @@ def fingerprint_tensor(image: torch.Tensor) -> torch.Tensor:
 
 def canvas(img: Image.Image) -> np.ndarray:
     """An eval image -> its uint8 (28, 28, 1) grey canvas (HWC, as the loaders stack images)."""
-    grey = img if img.mode == "L" else img.convert("L")
-    return np.asarray(grey.resize((CANON, CANON), Image.BILINEAR), dtype=np.uint8)[:, :, None]
+    return _grey_square(img, CANON)[:, :, None]
 
 
 def fine_canvas(img: Image.Image) -> np.ndarray:
     """An eval image -> its uint8 (112, 112) grey fine canvas: where a close candidate's crop is searched to a quarter
     of the canvas's pixel (`refine`)."""
-    grey = img if img.mode == "L" else img.convert("L")
-    return np.asarray(grey.resize((FINE, FINE), Image.BILINEAR), dtype=np.uint8)
+    return _grey_square(img, FINE)
 
 
 def crop_grid() -> list[tuple[int, int, int, int]]:

@@ -3,10 +3,10 @@ selection, so a student is never taught the answer to an image its report scores
 
 The eval side (data.eval and every eval.sets) is read once: each image's crop variants (data/fingerprints.py) go into
 a cache beside the run (run_dir/eval_fingerprints/), one file per set, named by a digest of the set's shards (path,
-size, modification time) and of the geometry; a later step, round or rerun over the same shards reads it back.
-Matching runs on the main process over the label files one at a time (the pool side is 64 bytes per image, read file
-by file; the eval side is held whole: 200 variants x 64 bytes per eval image, plus 4 bytes of norm and 8 of owner per
-variant: 15 KiB per eval image)."""
+size, modification time) and of the fingerprint's version; a later step, round or rerun over the same shards reads it
+back. Matching runs on the main process over the label files one at a time (the pool side is 64 bytes per image, read
+file by file; the eval side's variants are held whole: 200 x (64 bytes, a 4-byte norm, an 8-byte owner, a 2-byte
+variant id), 15 KiB per eval image; its 112x112 fine canvases stay in the cache file, read for candidates only)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +127,13 @@ class EvalSide:
     owners: list[tuple[str, str, str]]  # (set, shard, key) per eval image
     images: dict[str, int]  # per set
     files: list[tuple[int, Path]]  # (first row, cache file) per set: fine canvases are read row by row, when asked
+    _open: dict = field(default_factory=dict)  # cache file -> its open reader (one per file, not one per candidate)
 
     def fine_of(self, row: int) -> np.ndarray:
         first, path = next((a, p) for a, p in reversed(self.files) if a <= row)
-        with safe_open(str(path), framework="np") as f:
-            return f.get_slice("fine")[row - first]
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="np")
+        return self._open[path].get_slice("fine")[row - first]
 
     @classmethod
     def read(cls, sets: dict[str, list[str]], cache_dir: Path, batch_size: int, workers: int,
