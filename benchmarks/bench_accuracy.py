@@ -176,6 +176,10 @@ def main() -> None:
                    "labels it shares with that run. A copied step whose settings the overrides change stops the "
                    "benchmark (its result would not be this configuration's)")
     p.add_argument("--reuse-steps", nargs="+", default=["teacher", "round_1/pseudolabel"])
+    p.add_argument("--reuse-new-keys", nargs="*", default=[],
+                   help="config keys a copied step may lack (made before they existed: 'KEY (None -> value)'), e.g. "
+                        "pseudolabel.eval_copies.exclude pseudolabel.eval_copies.max_rms data.eval for labels made "
+                        "before the copy check: such a step does not stop the benchmark. Any other change still does")
     p.add_argument("--name", default="", help="a label for this configuration in results.json")
     p.add_argument("--robustness", action="store_true",
                    help="also evaluate every model of each seed under corruption and perturbation (stage=evaluate)")
@@ -457,7 +461,8 @@ def run_loop(a, run_dir: Path, common: list[str], seed: int, results: dict) -> N
          f"student.epochs={a.student_epochs}", *a.overrides], a.out / "bench.log")
     with open(a.out / "bench.log", errors="replace") as f:
         f.seek(log_start)
-        stale = [line.strip() for line in f if "is finished but its settings changed" in line]
+        stale = [line.strip() for line in f if "is finished but its settings changed" in line
+                 and not only_new_keys(line, a.reuse_new_keys)]
     if stale:  # a reused step the overrides would have run differently
         raise SystemExit(f"--reuse: {run_dir} kept a copied step that these overrides change:\n" + "\n".join(stale))
     steps = [summary(run_dir / "teacher")] + [summary(run_dir / f"round_{k}/student") for k in range(1, a.rounds + 1)]
@@ -471,6 +476,12 @@ def run_loop(a, run_dir: Path, common: list[str], seed: int, results: dict) -> N
         out["val_top1"] = [s["eval_sets"]["val"]["top1"] for s in steps]
     out["pseudolabels"] = [pool_figures(pl) for pl in labeling]
     results["seeds"][seed] = out
+
+
+def only_new_keys(line: str, keys: list[str]) -> bool:
+    """A "settings changed" log line whose every change is one of `keys` appearing where the step had none."""
+    changes = line.split("settings changed since it ran: ", 1)[-1].split(". It is skipped")[0].split("; ")
+    return bool(keys) and all(c.split(" (", 1)[0] in keys and " (None -> " in c for c in changes)
 
 
 def pool_figures(pl: dict) -> dict:

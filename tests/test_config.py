@@ -145,3 +145,25 @@ def test_train_compile_takes_a_backend(tmp_path, digits_root):
     # a typo is not taken for true (bool("inductr") would be), and the error lists backends to pick from
     with pytest.raises(ConfigError, match=r"train.compile='inductr': use false, true .*inductor, aot_eager"):
         run("stage=teacher", f"run_dir={tmp_path}", f"data.root={digits_root}", "train.compile=inductr")
+
+
+def test_student_init_teacher_if_same_resolves_per_round_and_keeps_finished_rounds():
+    from noisystudent.stages import student
+
+    def resolved(*over):
+        cfg = make_cfg("run_dir=/a", *over)
+        if cfg.student.init not in student.INIT_CHOICES:
+            student.settings(cfg)  # refuses it
+        return student.resolved_init(cfg, int(cfg.round)), settings_hash(student.reads(cfg))
+
+    # recipe=small: round 1's student (test_resnet) is not its teacher's model (test_efficientnet); round 2's is
+    scratch1, h1 = resolved("recipe=small", "round=1")
+    assert scratch1 == "scratch"
+    assert resolved("recipe=small", "round=1", "student.init=teacher_if_same") == (scratch1, h1)
+    init2, h2 = resolved("recipe=small", "round=2", "student.init=teacher_if_same")
+    assert init2 == "teacher" and h2 != resolved("recipe=small", "round=2")[1]
+    assert h2 == resolved("recipe=small", "round=2", "student.init=teacher")[1]
+    # the defaults' student is the teacher's model in every round
+    assert resolved("round=1", "student.init=teacher_if_same")[0] == "teacher"
+    with pytest.raises(ConfigError, match=r"student.init='warm': use scratch .*teacher_if_same"):
+        resolved("student.init=warm")

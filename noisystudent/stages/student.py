@@ -75,14 +75,35 @@ class StudentSettings:
     targets: str  # offline (the label files' targets) | online (the teacher on the student's view)
 
 
+INIT_CHOICES = ("scratch", "teacher", "teacher_if_same")
+
+
+def teacher_model_name(cfg: DictConfig, round_idx: int) -> str:
+    """The model the round's teacher is, from the config: the `model` preset in round 1, the previous round's
+    student from round 2 on."""
+    return str(cfg.model.name if round_idx <= 1 else student_model(cfg, round_idx - 1).name)
+
+
+def resolved_init(cfg: DictConfig, round_idx: int) -> str:
+    """student.init as this round applies it. teacher_if_same starts from the teacher's weights only where the
+    student is the teacher's model (recipe=small: from round 2 on, where both are test_resnet): weights of another
+    architecture would mostly not fit, and a student of the teacher's model that starts from it keeps what it knew."""
+    init = str(cfg.student.init)
+    if init == "teacher_if_same":
+        same = student_model(cfg, round_idx).name == teacher_model_name(cfg, round_idx)
+        return "teacher" if same else "scratch"
+    return init
+
+
 def settings(cfg: DictConfig) -> StudentSettings:
     st = cfg.student
     round_idx = round_number(cfg)
     if st.get("targets", "offline") not in ("offline", "online"):
         raise ConfigError(f"student.targets={st.get('targets')!r}: use offline (the label files' targets, as the "
                           "paper) or online (the teacher labels the student's augmented view at every step)")
-    if st.init not in ("scratch", "teacher"):
-        raise ConfigError(f"student.init={st.init!r}: use scratch or teacher")
+    if st.init not in INIT_CHOICES:
+        raise ConfigError(f"student.init={st.init!r}: use scratch (the paper), teacher or teacher_if_same (the "
+                          "teacher's weights where the student is the teacher's model, scratch otherwise)")
     if not isinstance(st.unlabel_ratio, int | float) or st.unlabel_ratio <= 0:
         raise ConfigError(f"student.unlabel_ratio={st.unlabel_ratio!r} must be > 0 (the paper: 1 for B0, 3 above)")
     if not isinstance(st.unlabeled_weight, int | float) or st.unlabeled_weight < 0:
@@ -99,7 +120,7 @@ def settings(cfg: DictConfig) -> StudentSettings:
         drop_path_rate=float(preset.drop_path_rate if st.drop_path_rate is None else st.drop_path_rate),
         unlabel_ratio=float(st.unlabel_ratio),
         unlabeled_weight=float(st.unlabeled_weight),
-        init=str(st.init),
+        init=resolved_init(cfg, round_idx),
         allow_smaller=bool(st.allow_smaller),
         targets=str(st.get("targets", "offline")),
     )
@@ -109,15 +130,18 @@ def reads(cfg: DictConfig) -> dict:
     # A train.* key that the student's own key of the same name replaces is not read (train.randaugment is
     # the teacher's noise unless student.randaugment is null). The preset is taken as resolved (not
     # iterate.models, whose other rounds do not matter here).
-    drop = ["student.model"]
+    drop = ["student.model", "student.init"]
     for key in OWN_TRAIN_KEYS:
         if cfg.student.get(key) is not None:
             drop.append(f"train.{key}")
     preset = student_model(cfg, int(cfg.round))
+    # student.init as resolved for this round: teacher_if_same reads as the scratch or teacher it gives, so a
+    # round it does not change keeps its finished step
     return {**read_settings(cfg, ("seed", "precision", "max_steps", "round", "student", "train", "optim", "sched",
                                   "data.labeled", "data.unlabeled", "data.eval", *DATA_KEYS, *eval_keys(cfg)), drop),
             "student.model (resolved)": {k: preset.get(k) for k in ("name", "img_size", "test_img_size",
-                                                                     "drop_rate", "drop_path_rate")}}
+                                                                     "drop_rate", "drop_path_rate")},
+            "student.init": resolved_init(cfg, int(cfg.round))}
 
 
 def inputs(cfg: DictConfig, s: StudentSettings) -> dict:
