@@ -53,7 +53,7 @@ summary.json; timm's from its own per-batch / per-update timer over the second h
 limits time --steps iterations after warm-up ones. The methods are interleaved over --repeats; medians
 are compared.
 
-DALI's index pass (every image validated once with PIL, index files written under run_dir/dali_index/,
+DALI's index pass (every image checked once, data/image_check.py; index files written under run_dir/dali_index/,
 reused by every later step of that run dir) is kept out of every timing: a labeling step counts it in
 its loop time (wall_s), and in a pair of runs the longer one would index the shards the shorter did not
 read, so the difference would not cancel it. It is therefore made here once, before any timed run, over
@@ -296,7 +296,7 @@ def _index_records(run_dir: Path) -> dict[str, int]:
 
 
 def index_pass(b: Bench, run_dirs: list[Path]) -> dict:
-    """DALI's index pass over all the shards, as a step makes it (data/dali_index.py, --workers threads), made
+    """DALI's index pass over all the shards, as a step makes it (data/dali_index.py, --workers processes), made
     afresh in the first run dir and copied into the others: no timed DALI run makes one. Its own figures."""
     from noisystudent.data.dali_index import index_shards
     from noisystudent.data.shards import expand_shards
@@ -310,8 +310,8 @@ def index_pass(b: Bench, run_dirs: list[Path]) -> dict:
     wall = time.perf_counter() - t0
     for run_dir in run_dirs[1:]:
         shutil.copytree(first, run_dir / DALI_INDEX, dirs_exist_ok=True)
-    images = sum(len(r) for r in records.values())
-    return {"images": images, "shards": len(urls), "threads": b.workers, "wall_s": wall,
+    images = sum(records.count(u) for u in urls)
+    return {"images": images, "shards": len(urls), "workers": b.workers, "wall_s": wall,
             "images_per_sec": images / wall}
 
 
@@ -747,7 +747,8 @@ def main():
     if any(k in methods for k in DALI_ROWS):
         index = index_pass(b, [b.work / d for k, d in DALI_ROWS.items() if k in methods])
         print(f"DALI index pass, before the timed runs: {index['images']:,} images in {index['shards']} shards, "
-              f"{index['wall_s']:.1f} s with {index['threads']} threads ({_fmt(index['images_per_sec'])} images/s)",
+              f"{index['wall_s']:.1f} s with {index['workers']} worker processes "
+              f"({_fmt(index['images_per_sec'])} images/s)",
               flush=True)
 
     runs: dict[str, list[dict]] = {k: [] for k in methods}
@@ -801,7 +802,7 @@ def main():
             print(f"- {key}: {skipped[key]}")
     if index is not None:
         print(f"\nDALI index pass (made once before the timed runs, outside every figure above): "
-              f"{_fmt(index['images_per_sec'])} images/s with {index['threads']} threads")
+              f"{_fmt(index['images_per_sec'])} images/s with {index['workers']} worker processes")
     print()
     on_gpu = b.device.type == "cuda"
     print("Goal checks (medians)" + ("" if on_gpu else ", CPU smoke run: its figures say nothing about the goals"))

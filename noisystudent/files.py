@@ -15,13 +15,15 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """`with atomic_write(p) as f: f.write(...)`: p appears, complete, only when the block succeeds."""
+def atomic_write(path: str | os.PathLike, shared: bool = False) -> Iterator[IO[bytes]]:
+    """`with atomic_write(p) as f: f.write(...)`: p appears, complete, only when the block succeeds.
+    shared=True: other processes may write p at the same time (a cache that several runs fill): each writes
+    its own temporary file, and the last rename wins whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # One fixed temporary name per target (only one process ever writes a given path): what a kill
+    # One fixed temporary name per target where only one process ever writes a given path: what a kill
     # leaves behind is replaced by the next write instead of piling up.
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp" if shared else f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -34,8 +36,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_write(path) as f:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, shared: bool = False) -> None:
+    with atomic_write(path, shared) as f:
         f.write(data)
 
 

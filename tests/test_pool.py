@@ -245,7 +245,7 @@ def test_the_dali_tables_targets_are_the_torch_paths(tail_pool, tmp_path, prior_
     """With a prior correction the student's targets are made from the selection's labels (and corrected
     probabilities): the DALI path's table (data/dali.py) gives the torch path's (JoinPseudoLabels), row for row."""
     from noisystudent.data.dali import SampleTable, pseudo_labeled_index
-    from noisystudent.data.dali_index import ShardRecord
+    from noisystudent.data.dali_index import ShardRecord, ShardRecords
 
     pool_files, val_files = tail_pool
     sel = choose(pool_files, val_files, C, Policy(SelectionSettings(0.3), PoolSettings(), True, False,
@@ -254,7 +254,8 @@ def test_the_dali_tables_targets_are_the_torch_paths(tail_pool, tmp_path, prior_
     url = f.meta["shard"]
     n = len(f.keys())  # a record as the index pass would make it (its offsets are all the join needs)
     rec = ShardRecord(url, keys=f.keys(), exts=["png"] * n, offsets=list(range(n)), sizes=[1] * n, cls=[None] * n)
-    index_files, fill, listed = pseudo_labeled_index({url: rec}, [url], {url: f.path}, sel, C, tmp_path, 0, 1)
+    index_files, fill, listed = pseudo_labeled_index(ShardRecords.holding([rec]), [url], {url: f.path}, sel, C,
+                                                     tmp_path, 0, 1)
     table = SampleTable([rec], [np.full(len(rec.keys), -1)])
     fill(table)
     torch_table = JoinPseudoLabels({url: f.path}, sel, C)._table(url)

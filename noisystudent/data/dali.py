@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .dali_index import ShardRecord, index_path, record_path, write_dali_index
+from .dali_index import ShardRecord, ShardRecords, record_path, write_dali_index
 
 log = logging.getLogger(__name__)
 
@@ -352,9 +352,9 @@ def rank_split(urls: list[str], rank: int, world: int) -> tuple[list[str], int, 
     return list(urls), rank, world
 
 
-def kept(records: dict[str, ShardRecord], urls: list[str]) -> list[str]:
+def kept(records: ShardRecords, urls: list[str]) -> list[str]:
     """The shards of `urls` that have samples DALI can read (readable, at least one image that decodes)."""
-    return [u for u in urls if records[u].error is None and len(records[u])]
+    return [u for u in urls if records.readable(u)]
 
 
 def summary_counts(*found: dict) -> dict:
@@ -366,12 +366,12 @@ def summary_counts(*found: dict) -> dict:
             "unreadable_shards": [u for f in found for u in f["unreadable_shards"]][:20]}
 
 
-def index_summary(records: dict[str, ShardRecord], urls: list[str]) -> dict:
+def index_summary(records: ShardRecords, urls: list[str]) -> dict:
     """What the index pass found in `urls`: for summary.json (corrupt images with their keys, as the torch
     path reports them, and the shards it could not read)."""
-    bad = [b for u in urls for b in records[u].bad]
-    unreadable = [records[u].error for u in urls if records[u].error]
-    return {"indexed": int(sum(len(records[u]) for u in urls)), "corrupt": len(bad),
+    n_bad, bad = records.corrupt(urls)
+    unreadable = [records.error(u) for u in urls if records.error(u)]
+    return {"indexed": int(sum(records.count(u) for u in urls)), "corrupt": n_bad,
             "corrupt_keys": [k for k, _ in bad[:20]], "first_error": bad[0][1] if bad else None,
             "unreadable_shards": unreadable[:20], "n_unreadable": len(unreadable)}
 
@@ -381,7 +381,7 @@ def index_summary(records: dict[str, ShardRecord], urls: list[str]) -> dict:
 NO_COUNTS = {"n_corrupt": 0, "corrupt_keys": [], "corrupt_shards": [], "first_error": None, "shard_errors": []}
 
 
-def training_batches(files_all: list[str], records: dict[str, ShardRecord], index_dir: Path, recipe: Recipe,
+def training_batches(files_all: list[str], records: ShardRecords, index_dir: Path, recipe: Recipe,
                      batch_size: int, shuffle_buffer: int, threads: int, device: torch.device, rank: int, world: int,
                      labeled: bool, num_classes: int | None, seed_offset: int = 0,
                      index_files: dict[str, Path] | None = None, targets=None):
@@ -399,7 +399,7 @@ def training_batches(files_all: list[str], records: dict[str, ShardRecord], inde
     table = SampleTable(recs, [r.labels(num_classes, labeled) for r in recs])
     if targets is not None:
         targets(table)
-    idx = [str(index_files[u] if index_files is not None else index_path(index_dir, u)) for u in mine]
+    idx = [str(index_files[u] if index_files is not None else records.index_file(u)) for u in mine]
 
     def make(seed: int) -> Iterator[dict]:
         pipe = build_pipeline(mine, idx, recipe, batch_size, threads, device_id_of(device), seed + seed_offset,
@@ -415,7 +415,7 @@ def training_batches(files_all: list[str], records: dict[str, ShardRecord], inde
     return make
 
 
-def ordered_batches(urls: list[str], records: dict[str, ShardRecord], index_dir: Path, recipe: Recipe,
+def ordered_batches(urls: list[str], records: ShardRecords, index_dir: Path, recipe: Recipe,
                     batch_size: int, threads: int, device: torch.device, labeled: bool, num_classes: int | None,
                     audit_classes: bool = False, fingerprints: bool = False) -> Iterator[dict]:
     """One pass over `urls` (this process's shards) in shard order, as batches that never cross a shard
@@ -426,7 +426,7 @@ def ordered_batches(urls: list[str], records: dict[str, ShardRecord], index_dir:
     readable = kept(records, urls)
     pipe_batches = None
     if readable:
-        pipe = build_pipeline(readable, [str(index_path(index_dir, u)) for u in readable], recipe, batch_size,
+        pipe = build_pipeline(readable, [str(records.index_file(u)) for u in readable], recipe, batch_size,
                               threads, device_id_of(device), 0, shuffle=False, fingerprints=fingerprints)
         pipe_batches = PipelineRunner(pipe, readable, device, fingerprints)
     pending: list[list] = []  # rows read but not yet handed out: [images, where(, thumbs)]
@@ -450,10 +450,10 @@ def ordered_batches(urls: list[str], records: dict[str, ShardRecord], index_dir:
         return tensors[0], got_where, (tensors[1] if len(tensors) > 1 else None)
 
     for url in urls:
-        rec = records[url]
-        if rec.error is not None:
-            yield {"shard": url, "error": rec.error, "last": True}
+        if records.error(url) is not None:
+            yield {"shard": url, "error": records.error(url), "last": True}
             continue
+        rec = records[url]  # read now, one shard at a time: the process never holds them all
         labels = rec.labels(num_classes, labeled, audit_classes)
         corrupt = [k for k, _ in rec.bad]
         if not len(rec):
@@ -482,7 +482,7 @@ def record_stem(url: str) -> str:
     return record_path(Path("."), url).stem
 
 
-def pseudo_labeled_index(records: dict[str, ShardRecord], urls: list[str], label_files: dict[str, Path], selection,
+def pseudo_labeled_index(records: ShardRecords, urls: list[str], label_files: dict[str, Path], selection,
                          num_classes: int, out_dir: Path, rank: int, world: int):
     """The student's pseudo-labeled stream through DALI: for the shards this process reads (`rank_split`),
     index files listing each selected image as many times as the selection repeats it (written under

@@ -1,31 +1,49 @@
-"""The index pass of the DALI input path: every sample of a shard found, its image validated once, and a
+"""The index pass of the DALI input path: every sample of a shard found, its image checked once, and a
 DALI index file written that lists only the samples whose image decodes.
 
 DALI's webdataset reader has no option to skip a sample whose image it cannot decode: one corrupt JPEG
 in a huge shard set kills the pipeline. So the pass here reads each shard once (tar headers for the
-offsets, PIL for the image: JPEGs in draft mode, which still reads all of their entropy-coded data and so
-finds a truncated file, at a fraction of a full decode), drops what does not decode, counts it, and
-keeps the keys. DALI then only ever sees images PIL has decoded, which are the images the torch path
-keeps: the two paths train and label the same samples.
+offsets; of each image, what data/image_check.py needs to tell a whole JPEG or PNG from a broken one: about
+1 KB of a 100 KB photo), drops what is broken, counts it, and keeps the keys. An image the structural check
+does not vouch for (another format, an unusual JPEG process, a JPEG with no EOI at its end, a PNG CRC
+mismatch) is decoded by PIL, as the torch path would (JPEGs in draft mode: all of their entropy-coded data is
+still read, so a truncated file is found), and kept only where it decodes. DALI then only ever sees images
+PIL decodes, which are the images the torch path keeps: the two paths train and label the same samples.
+`check="decode"` decodes every image with PIL instead (the pass as it was; benchmarks/bench_index.py).
 
-What is written lives under the run directory (`run_dir/dali_index/`), never beside the user's shards
-(often read-only, or shared by other runs): per shard a JSON record (size and mtime of the tar it was
-made from, every sample's key, image member offset and size, raw `cls`, the keys that did not decode and
-why) and the DALI index file made from it. A record whose tar has another size or mtime is made again;
-otherwise it is reused by every later step and round. The index file format is DALI's own (`wds2idx`,
-version v1.2): a header `v1.2 N`, then one line per sample, `ext offset size name` per component. Only
-the image component is listed; a sample listed k times is read k times (how the student's stream applies
-the selection's repeat factors, `write_dali_index(repeats=...)`)."""
+Where records live: `index_dir`, run_dir/dali_index/ by default, or a folder many runs share
+(`data.index_cache`): never beside the user's shards (often read-only, or shared). Per shard a record
+(`<tar name>.<digest of its path>.rec`: one JSON header line (the tar's path, size and mtime it was made
+from, counts, the first corrupt keys, the tar's own error, its index file's name), then one JSON line with
+every kept sample's key, image extension, member offset and size, raw `cls`, and every dropped key with
+why) and the DALI index file made from it (`<...>.<digest of the stamp>.idx`: named after the tar's state,
+so two runs filling a shared folder at once, or a shard rewritten meanwhile, never pair a record with
+another state's index). A record whose tar has another size or mtime is made again; otherwise every later
+step, round and run reuses it. Writes are atomic with per-process temporary names: concurrent fills of
+one record each write it whole, and the last rename wins.
+
+Memory: `index_shards` returns `ShardRecords`, which holds a few numbers per shard (its sample count, its
+corrupt count, its index file) and reads a shard's full record only when asked for it (`records[url]`):
+a process holds the records of the shards it reads, not of the whole data set.
+
+The index file format is DALI's own (`wds2idx`, version v1.2): a header `v1.2 N`, then one line per
+sample, `ext offset size name` per component. Only the image component is listed; a sample listed k times
+is read k times (how the student's stream applies the selection's repeat factors,
+`write_dali_index(repeats=...)`)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import multiprocessing as mp
 import os
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
+from array import array
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +51,15 @@ from PIL import Image
 
 from ..errors import DataError
 from ..files import atomic_write_bytes
-from .shards import IMAGE_EXTS, audit_class, parse_label
+from .image_check import BAD, IMAGE_EXTS, OK, check_structure
+from .shards import audit_class, parse_label
+from .tar_headers import BlockReader
+from .tar_headers import members as tar_members
 
 INDEX_VERSION = "v1.2"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+CHECKS = ("structure", "decode")
+MAX_BAD_SHOWN = 20  # corrupt keys a record's header (and so a step's summary) names
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -71,6 +94,7 @@ class ShardRecord:
     cls: list[str | None] = field(default_factory=list)  # the raw .cls text, None where there is none
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of images that did not decode
     error: str | None = None  # the tar itself could not be read: the shard is left out, as on the torch path
+    unsure: int = 0  # images the structural check left to PIL (decoded to decide)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -91,14 +115,29 @@ class ShardRecord:
         return out
 
 
-def _read_shard(url: str) -> ShardRecord:
+def check_image(data: bytes | memoryview, check: str = "structure") -> tuple[str | None, bool]:
+    """(None when the image is kept, else why it is dropped; whether PIL had to decode it). check="structure":
+    image_check's verdict, and a PIL decode only where it is unsure; check="decode": a PIL decode of every image
+    (the pass as it was)."""
+    if check == "structure":
+        verdict, why = check_structure(data)
+        if verdict == OK:
+            return None, False
+        if verdict == BAD:
+            return why, False
+    return validate_image(data), True
+
+
+def _read_shard(url: str, check: str = "structure") -> ShardRecord:
     rec = ShardRecord(url)
     samples: dict[str, dict] = {}
     order: list[str] = []
     try:
-        with tarfile.open(url, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
+        fd = os.open(url, os.O_RDONLY)
+        try:
+            f = BlockReader(fd)
+            for member in tar_members(f):
+                if not member.regular:
                     continue
                 key, ext = split_member_name(member.name)
                 if not key or os.path.basename(key).startswith("."):
@@ -108,14 +147,16 @@ def _read_shard(url: str) -> ShardRecord:
                     order.append(key)
                 ext = ext.lower()
                 if ext in IMAGE_EXTS and "image" not in samples[key]:
-                    f = tar.extractfile(member)  # validated now: a shard's images are never all in memory
-                    why = validate_image(f.read() if f else b"")
-                    samples[key]["image"] = (ext, member.offset_data, member.size, why)
+                    data = f.read(member.offset, member.size)  # a view into the reader's buffer: checked at once
+                    why, decoded = check_image(data, check)
+                    rec.unsure += decoded
+                    samples[key]["image"] = (ext, member.offset, member.size, why)
                 elif ext == "cls":
-                    f = tar.extractfile(member)
-                    samples[key]["cls"] = (f.read() if f else b"").decode(errors="replace")
+                    samples[key]["cls"] = bytes(f.read(member.offset, member.size)).decode(errors="replace")
                 else:
                     samples[key].setdefault("other", []).append(ext)
+        finally:
+            os.close(fd)
     except (tarfile.TarError, OSError, EOFError) as e:
         rec.error = f"{type(e).__name__}: {e} (shard {url})"
         return rec
@@ -142,12 +183,15 @@ def _stamp(url: str) -> dict:
     return {"url": os.path.abspath(url), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def record_path(index_dir: Path, url: str) -> Path:
-    digest = hashlib.sha1(os.path.abspath(url).encode()).hexdigest()[:12]
-    return Path(index_dir) / f"{Path(url).name}.{digest}.json"
+    return Path(index_dir) / f"{Path(url).name}.{_digest(os.path.abspath(url))}.rec"
 
 
-def write_dali_index(path: Path, rec: ShardRecord, repeats: np.ndarray | None = None) -> int:
+def write_dali_index(path: Path, rec: ShardRecord, repeats: np.ndarray | None = None, shared: bool = False) -> int:
     """DALI's index file for the kept samples of `rec`, each listed repeats[i] times (default once);
     written atomically. Returns the number of samples listed."""
     reps = np.ones(len(rec), dtype=np.int64) if repeats is None else np.asarray(repeats, dtype=np.int64)
@@ -156,61 +200,177 @@ def write_dali_index(path: Path, rec: ShardRecord, repeats: np.ndarray | None = 
         if r > 0:
             line = f"{rec.exts[i]} {rec.offsets[i]} {rec.sizes[i]} {rec.keys[i]}.{rec.exts[i]}"
             lines.extend([line] * int(r))
-    atomic_write_bytes(path, (f"{INDEX_VERSION} {len(lines)}\n" + "".join(f"{ln}\n" for ln in lines)).encode())
+    atomic_write_bytes(path, (f"{INDEX_VERSION} {len(lines)}\n" + "".join(f"{ln}\n" for ln in lines)).encode(), shared)
     return len(lines)
+
+
+def load_head(index_dir: Path, url: str) -> dict | None:
+    """The header of the stored record of `url` when it was made from the tar as it is now, else None (no record,
+    an older format, another size or mtime). Reads one line."""
+    try:
+        with open(record_path(index_dir, url), "rb") as f:
+            head = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    if head.get("version") != RECORD_VERSION or head.get("stamp") != _stamp(url):
+        return None
+    return head
 
 
 def load_record(index_dir: Path, url: str) -> ShardRecord | None:
     """The stored record of `url` when it was made from the tar as it is now, else None."""
-    path = record_path(index_dir, url)
-    if not path.exists():
+    try:
+        with open(record_path(index_dir, url), "rb") as f:
+            head = json.loads(f.readline())
+            if head.get("version") != RECORD_VERSION or head.get("stamp") != _stamp(url):
+                return None
+            body = json.loads(f.readline())
+    except (OSError, ValueError):
         return None
-    data = json.loads(path.read_text())
-    if data.get("version") != RECORD_VERSION or data.get("stamp") != _stamp(url):
-        return None
-    rec = ShardRecord(url, data["keys"], data["exts"], data["offsets"], data["sizes"], data["cls"],
-                      [tuple(b) for b in data["bad"]], data["error"])
-    return rec
+    return ShardRecord(url, body["keys"], body["exts"], body["offsets"], body["sizes"], body["cls"],
+                       [tuple(b) for b in body["bad"]], head["error"], head.get("unsure", 0))
 
 
-def index_shard(index_dir: Path, url: str) -> ShardRecord:
-    """The record of one shard: reused when stored for the tar as it is, else made and stored (the JSON
-    record and its DALI index file, `<record>.idx`)."""
-    rec = load_record(index_dir, url)
-    if rec is not None:
-        return rec
+def index_shard(index_dir: Path, url: str, check: str = "structure") -> dict:
+    """The record of one shard, made and stored (the record and its DALI index file) unless one is stored for the
+    tar as it is. Returns its header (load_head's): the full record is read again only by whoever reads the shard."""
+    head = load_head(index_dir, url)
+    if head is not None:
+        return head
     stamp = _stamp(url)
-    rec = _read_shard(url)
+    rec = _read_shard(url, check)
     path = record_path(index_dir, url)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    idx = None
     if rec.error is None and len(rec):
-        write_dali_index(path.with_suffix(".idx"), rec)
-    atomic_write_bytes(path, json.dumps({"version": RECORD_VERSION, "stamp": stamp, "keys": rec.keys,
-                                         "exts": rec.exts, "offsets": rec.offsets, "sizes": rec.sizes,
-                                         "cls": rec.cls, "bad": rec.bad, "error": rec.error}).encode())
-    return rec
+        idx = f"{path.stem}.{_digest(json.dumps(stamp, sort_keys=True))}.idx"
+        write_dali_index(path.parent / idx, rec, shared=True)  # before the record that names it
+    head = {"version": RECORD_VERSION, "stamp": stamp, "check": check, "n": len(rec), "n_bad": len(rec.bad),
+            "bad_first": rec.bad[:MAX_BAD_SHOWN], "unsure": rec.unsure, "error": rec.error, "index_file": idx}
+    body = {"keys": rec.keys, "exts": rec.exts, "offsets": rec.offsets, "sizes": rec.sizes, "cls": rec.cls,
+            "bad": rec.bad}
+    atomic_write_bytes(path, (json.dumps(head) + "\n" + json.dumps(body) + "\n").encode(), shared=True)
+    return head
 
 
-def index_path(index_dir: Path, url: str) -> Path:
-    """The DALI index file of `url` (every kept sample once), made by `index_shard`."""
-    return record_path(index_dir, url).with_suffix(".idx")
+class ShardRecords(Mapping):
+    """url -> ShardRecord over the shards of one index pass, read from `index_dir` when asked for. Holds per shard
+    only its counts and index file (a few numbers: flat in the data set's size), so a process that reads some
+    shards holds only their records."""
+
+    def __init__(self, index_dir: Path):
+        self.index_dir = Path(index_dir)
+        self.urls: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._n, self._n_bad, self._idx = array("q"), array("q"), []
+        self._unsure = 0
+        # only the shards that have them: a handful in a healthy data set
+        self._errors: dict[str, str] = {}
+        self._bad_first: dict[str, list[tuple[str, str]]] = {}
+        self._held: dict[str, ShardRecord] = {}
+
+    def add(self, url: str, head: dict) -> None:
+        """One shard's record header (load_head's); the header itself is not kept."""
+        self._pos[url] = len(self.urls)
+        self.urls.append(url)
+        self._n.append(head["n"])
+        self._n_bad.append(head["n_bad"])
+        self._idx.append(head["index_file"])
+        self._unsure += head.get("unsure", 0)
+        if head["error"]:
+            self._errors[url] = head["error"]
+        if head["bad_first"]:
+            self._bad_first[url] = [tuple(b) for b in head["bad_first"]]
+
+    @classmethod
+    def holding(cls, records: list[ShardRecord], index_dir: Path = Path(".")) -> ShardRecords:
+        """Records made in memory (no index pass behind them: tests, tools), held and handed out as they are."""
+        out = cls(index_dir)
+        for rec in records:
+            out.add(rec.url, {"n": len(rec), "n_bad": len(rec.bad), "index_file": None, "error": rec.error,
+                              "bad_first": rec.bad[:MAX_BAD_SHOWN], "unsure": rec.unsure})
+            out._held[rec.url] = rec
+        return out
+
+    def __getitem__(self, url: str) -> ShardRecord:
+        if url not in self._pos:
+            raise KeyError(url)
+        if url in self._held:
+            return self._held[url]
+        rec = load_record(self.index_dir, url)
+        if rec is None:
+            raise DataError(f"the DALI index record of shard {url} in {self.index_dir} is gone or no longer matches "
+                            "the tar (it changed during the step?): rerun the step")
+        return rec
+
+    def __iter__(self):
+        return iter(self.urls)
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def count(self, url: str) -> int:
+        """Kept samples of `url`."""
+        return self._n[self._pos[url]]
+
+    def error(self, url: str) -> str | None:
+        return self._errors.get(url)
+
+    def readable(self, url: str) -> bool:
+        """`url` has samples DALI can read (the tar reads, at least one image decodes)."""
+        return url not in self._errors and self.count(url) > 0
+
+    def index_file(self, url: str) -> Path:
+        """The DALI index file of `url` (every kept sample once)."""
+        name = self._idx[self._pos[url]]
+        if name is None:
+            raise DataError(f"shard {url} has no sample DALI can read: it has no index file")
+        return self.index_dir / name
+
+    def corrupt(self, urls: list[str]) -> tuple[int, list[tuple[str, str]]]:
+        """(images dropped from `urls`, the first MAX_BAD_SHOWN of them as (key, why))."""
+        shown = [b for u in urls for b in self._bad_first.get(u, ())][:MAX_BAD_SHOWN]
+        return sum(self._n_bad[self._pos[u]] for u in urls), shown
+
+    @property
+    def decoded(self) -> int:
+        """Images the pass that made these records decoded with PIL (the structural check was unsure of them)."""
+        return self._unsure
 
 
-def index_shards(index_dir: Path, urls: list[str], threads: int = 1, accelerator=None) -> dict[str, ShardRecord]:
-    """url -> record for every shard of `urls`. With an accelerator, each process makes the records of
-    its share (urls[rank::world]) and all then read every record; within a process `threads` threads
-    validate shards in parallel (PIL decodes without holding the GIL)."""
+def _make_records(index_dir: Path, urls: list[str], workers: int, check: str) -> dict[str, dict]:
+    """index_shard over `urls`, in `workers` processes: the check is Python and numpy on small arrays, which hold
+    the GIL (threads measured no faster than one), so a host's cores need processes. Forked, as torch's DataLoader
+    workers are (they touch no device); an error in one shard stops the others at once."""
+    found = {u: load_head(index_dir, u) for u in urls}  # stored already (a later step, round or run): no pool
+    todo = [u for u, head in found.items() if head is None]
+    if workers <= 1 or len(todo) <= 1:
+        return {u: found[u] or index_shard(index_dir, u, check) for u in urls}
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx)
+    try:
+        found.update(zip(todo, pool.map(index_shard, repeat(index_dir), todo, repeat(check)), strict=True))
+        return found
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def index_shards(index_dir: Path, urls: list[str], threads: int = 1, accelerator=None,
+                 check: str = "structure") -> ShardRecords:
+    """The records of every shard of `urls` (ShardRecords: read lazily). With an accelerator, each process makes
+    the records of its share (urls[rank::world]) and all then read every record's header; within a process
+    `threads` worker processes check shards in parallel (num_workers: the loader CPUs of each process)."""
+    if check not in CHECKS:
+        raise ValueError(f"check={check!r}: use one of {CHECKS}")
     urls = list(dict.fromkeys(urls))
     mine = urls if accelerator is None else urls[accelerator.process_index::accelerator.num_processes]
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        made = dict(zip(mine, pool.map(lambda u: index_shard(index_dir, u), mine), strict=True))
+    made = _make_records(index_dir, mine, threads, check)
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
-    out = {}
+    records = ShardRecords(index_dir)
     for url in urls:
-        rec = made.get(url) or load_record(index_dir, url)
-        if rec is None:  # another process's record is missing: that process failed, or the tar changed since
+        head = made.pop(url, None) or load_head(index_dir, url)
+        if head is None:  # another process's record is missing: that process failed, or the tar changed since
             raise DataError(f"the DALI index record of shard {url} is missing from {index_dir} after the index "
                             "pass (another process failed, or the shard changed during it): rerun the step")
-        out[url] = rec
-    return out
+        records.add(url, head)
+    return records

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from .image_check import IMAGE_EXTS
 from .transforms import stack_hwc
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MANIFEST = "manifest.json"
 
 

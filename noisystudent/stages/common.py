@@ -69,12 +69,19 @@ def uses_dali(cfg: DictConfig) -> bool:
     return cfg.data.get("loader", "torch") == "dali"
 
 
-def dali_records(cfg: DictConfig, accelerator, urls: list[str]) -> dict:
-    """The index pass over `urls` (data/dali_index.py; every process takes part): url -> ShardRecord,
-    made once per shard for the run and reused by every later step."""
+def dali_index_dir(cfg: DictConfig) -> Path:
+    """Where the index pass keeps its records: data.index_cache (a folder many runs share: each shard is then
+    checked once per data set, not once per run) or run_dir/dali_index/."""
+    cache = cfg.data.get("index_cache")
+    return Path(str(cache)).expanduser() if cache else Path(cfg.run_dir) / DALI_INDEX
+
+
+def dali_records(cfg: DictConfig, accelerator, urls: list[str]):
+    """The index pass over `urls` (data/dali_index.py; every process takes part): ShardRecords (url -> ShardRecord,
+    read when asked for), made once per shard and reused by every later step (and run, with data.index_cache)."""
     from ..data.dali_index import index_shards
 
-    return index_shards(Path(cfg.run_dir) / DALI_INDEX, urls, max(1, int(cfg.num_workers)), accelerator)
+    return index_shards(dali_index_dir(cfg), urls, max(1, int(cfg.num_workers)), accelerator)
 
 
 def dali_training_stream(cfg: DictConfig, accelerator, urls: list[str], recipe, batch_size: int, shuffle_buffer: int,
@@ -84,7 +91,7 @@ def dali_training_stream(cfg: DictConfig, accelerator, urls: list[str], recipe, 
     from ..data.dali import training_batches
 
     records = records if records is not None else dali_records(cfg, accelerator, urls)
-    return training_batches(urls, records, Path(cfg.run_dir) / DALI_INDEX, recipe, batch_size, shuffle_buffer,
+    return training_batches(urls, records, dali_index_dir(cfg), recipe, batch_size, shuffle_buffer,
                             max(1, int(cfg.num_workers)), accelerator.device, accelerator.process_index,
                             accelerator.num_processes, labeled, nc, **kw), records
 
@@ -96,7 +103,7 @@ def dali_eval(cfg: DictConfig, img_size: int, data_cfg=None) -> dict | None:
         return None
     from ..data.dali import eval_recipe
 
-    return {"index_dir": Path(cfg.run_dir) / DALI_INDEX, "recipe": eval_recipe(img_size, data_cfg or cfg.data)}
+    return {"index_dir": dali_index_dir(cfg), "recipe": eval_recipe(img_size, data_cfg or cfg.data)}
 
 
 def evaluate_model(cfg: DictConfig, accelerator, model, model_info: dict, nc: int, urls: list[str],
