@@ -262,7 +262,6 @@ class ShardRecords(Mapping):
         self.urls: list[str] = []
         self._pos: dict[str, int] = {}
         self._n, self._n_bad, self._idx = array("q"), array("q"), []
-        self._unsure = 0
         # only the shards that have them: a handful in a healthy data set
         self._errors: dict[str, str] = {}
         self._bad_first: dict[str, list[tuple[str, str]]] = {}
@@ -275,7 +274,6 @@ class ShardRecords(Mapping):
         self._n.append(head["n"])
         self._n_bad.append(head["n_bad"])
         self._idx.append(head["index_file"])
-        self._unsure += head.get("unsure", 0)
         if head["error"]:
             self._errors[url] = head["error"]
         if head["bad_first"]:
@@ -330,11 +328,6 @@ class ShardRecords(Mapping):
         """(images dropped from `urls`, the first MAX_BAD_SHOWN of them as (key, why))."""
         shown = [b for u in urls for b in self._bad_first.get(u, ())][:MAX_BAD_SHOWN]
         return sum(self._n_bad[self._pos[u]] for u in urls), shown
-
-    @property
-    def decoded(self) -> int:
-        """Images the pass that made these records decoded with PIL (the structural check was unsure of them)."""
-        return self._unsure
 
 
 def _make_records(index_dir: Path, urls: list[str], workers: int, check: str) -> dict[str, dict]:
