@@ -3,8 +3,8 @@ DALI index file written that lists only the samples whose image decodes.
 
 DALI's webdataset reader has no option to skip a sample whose image it cannot decode: one corrupt JPEG
 in a huge shard set kills the pipeline. So the pass here reads each shard once (tar headers for the
-offsets; of each image, what data/image_check.py needs to tell a whole JPEG or PNG from a broken one: about
-1 KB of a 100 KB photo), drops what is broken, counts it, and keeps the keys. An image the structural check
+offsets; each image's bytes for data/image_check.py, which tells a whole JPEG or PNG from a broken one without
+decoding it), drops what is broken, counts it, and keeps the keys. An image the structural check
 does not vouch for (another format, an unusual JPEG process, a JPEG with no EOI at its end, a PNG CRC
 mismatch) is decoded by PIL, as the torch path would (JPEGs in draft mode: all of their entropy-coded data is
 still read, so a truncated file is found), and kept only where it decodes. DALI then only ever sees images
@@ -98,6 +98,11 @@ class ShardRecord:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def counts(self) -> dict:
+        """What a record's header says of the shard's samples (ShardRecords keeps these per shard)."""
+        return {"n": len(self), "n_bad": len(self.bad), "bad_first": self.bad[:MAX_BAD_SHOWN], "unsure": self.unsure,
+                "error": self.error}
 
     def labels(self, num_classes: int | None, labeled: bool, audit_classes: bool = False) -> np.ndarray:
         """Each kept sample's class, with the torch path's rules (`SampleDecoder.label_of`): labeled shards
@@ -204,25 +209,28 @@ def write_dali_index(path: Path, rec: ShardRecord, repeats: np.ndarray | None = 
     return len(lines)
 
 
+def _current_head(line: bytes, url: str) -> dict | None:
+    """A record's header line, when it was made in this format from the tar as it is now."""
+    head = json.loads(line)
+    return head if head.get("version") == RECORD_VERSION and head.get("stamp") == _stamp(url) else None
+
+
 def load_head(index_dir: Path, url: str) -> dict | None:
     """The header of the stored record of `url` when it was made from the tar as it is now, else None (no record,
     an older format, another size or mtime). Reads one line."""
     try:
         with open(record_path(index_dir, url), "rb") as f:
-            head = json.loads(f.readline())
+            return _current_head(f.readline(), url)
     except (OSError, ValueError):
         return None
-    if head.get("version") != RECORD_VERSION or head.get("stamp") != _stamp(url):
-        return None
-    return head
 
 
 def load_record(index_dir: Path, url: str) -> ShardRecord | None:
     """The stored record of `url` when it was made from the tar as it is now, else None."""
     try:
         with open(record_path(index_dir, url), "rb") as f:
-            head = json.loads(f.readline())
-            if head.get("version") != RECORD_VERSION or head.get("stamp") != _stamp(url):
+            head = _current_head(f.readline(), url)
+            if head is None:
                 return None
             body = json.loads(f.readline())
     except (OSError, ValueError):
@@ -244,8 +252,7 @@ def index_shard(index_dir: Path, url: str, check: str = "structure") -> dict:
     if rec.error is None and len(rec):
         idx = f"{path.stem}.{_digest(json.dumps(stamp, sort_keys=True))}.idx"
         write_dali_index(path.parent / idx, rec, shared=True)  # before the record that names it
-    head = {"version": RECORD_VERSION, "stamp": stamp, "check": check, "n": len(rec), "n_bad": len(rec.bad),
-            "bad_first": rec.bad[:MAX_BAD_SHOWN], "unsure": rec.unsure, "error": rec.error, "index_file": idx}
+    head = {"version": RECORD_VERSION, "stamp": stamp, "check": check, **rec.counts(), "index_file": idx}
     body = {"keys": rec.keys, "exts": rec.exts, "offsets": rec.offsets, "sizes": rec.sizes, "cls": rec.cls,
             "bad": rec.bad}
     atomic_write_bytes(path, (json.dumps(head) + "\n" + json.dumps(body) + "\n").encode(), shared=True)
@@ -284,8 +291,7 @@ class ShardRecords(Mapping):
         """Records made in memory (no index pass behind them: tests, tools), held and handed out as they are."""
         out = cls(index_dir)
         for rec in records:
-            out.add(rec.url, {"n": len(rec), "n_bad": len(rec.bad), "index_file": None, "error": rec.error,
-                              "bad_first": rec.bad[:MAX_BAD_SHOWN], "unsure": rec.unsure})
+            out.add(rec.url, {**rec.counts(), "index_file": None})
             out._held[rec.url] = rec
         return out
 
