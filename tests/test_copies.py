@@ -13,7 +13,9 @@ import torch
 import webdataset as wds
 from conftest import FAST, run
 from PIL import Image
+from safetensors import safe_open
 
+from noisystudent.data import fingerprints
 from noisystudent.data.fingerprints import (
     EvalIndex,
     canvas,
@@ -83,13 +85,21 @@ def test_planted_copies_found_and_distinct_images_of_a_class_not(size):
     assert (found == -1).all() and set(labels[200:]) == set(labels[:200])
 
 
-def test_match_is_the_exact_nearest_variant():
-    """The norm pruning never changes the answer: against brute force over every variant."""
+@pytest.mark.parametrize("list_size", [8, 100, 10_000])
+def test_match_is_the_exact_nearest_variant(list_size, monkeypatch):
+    """The lists' pruning never changes the answer: against brute force over every variant, with many small lists
+    (a query's band cut short in most), a few, and one. The eval side is clustered as real images are (variants of
+    one image near each other), so the pruning skips most lists and rows."""
     rng = np.random.default_rng(1)
-    ev = rng.integers(0, 256, (50, 6, 64), dtype=np.uint8)
+    base = rng.integers(40, 216, (50, 1, 64))
+    ev = np.clip(base + rng.integers(-30, 31, (50, 6, 64)), 0, 255).astype(np.uint8)
     pool = np.clip(ev[rng.integers(0, 50, 300), rng.integers(0, 6, 300)].astype(int)
                    + rng.integers(-12, 13, (300, 64)), 0, 255).astype(np.uint8)
-    found, dist, which = match(pool, EvalIndex.build(ev), 7.0, block=16, span=40)
+    index = EvalIndex.build(ev, list_size=list_size)
+    k = max(1, 300 // list_size)  # lists, about
+    assert k / 2 <= len(index.centroids) <= 2 * k and sorted(index.source.tolist()) == list(range(300))
+    monkeypatch.setattr(fingerprints, "CENTROID_DISTANCES", 70 * 5)  # the centroids 5 at a time
+    found, dist, which = match(pool, index, 7.0, block=16, chunk=70)
     full = np.sqrt(((pool[:, None, None].astype(float) - ev[None].astype(float)) ** 2).mean(-1))  # [pool, eval, V]
     d = full.min(-1)
     want = np.where(d.min(1) <= 7.0, d.argmin(1), -1)
@@ -97,6 +107,48 @@ def test_match_is_the_exact_nearest_variant():
     hit = want >= 0
     assert np.allclose(dist[hit], d.min(1)[hit], atol=1e-3)
     assert (full[np.flatnonzero(hit), found[hit]].argmin(-1) == which[hit]).all() and (which[~hit] == -1).all()
+
+
+def test_refine_is_the_nearest_of_every_crop_around_the_variant():
+    """refine's two products per crop size give each crop's thumbnail as resizing that crop does: against a resize
+    of every crop one by one, for plain and mirrored variants, near the canvas's edge and inside it."""
+    from noisystudent.data.fingerprints import FINE_SCALE, _thumb, crop_grid, refine
+
+    rng = np.random.default_rng(3)
+    fine = np.asarray(Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).resize((112, 112)))
+    grid = crop_grid()
+    for variant in (0, 57, len(grid) - 1, len(grid), len(grid) + 77):
+        y, x, h, w = (FINE_SCALE * a for a in grid[variant % len(grid)])
+        t = torch.from_numpy(fine.astype(np.float32))[None]
+        crops = [t[:, a:a + hh, b:b + ww] for hh in range(h - 2, h + 3) for ww in range(w - 2, w + 3)
+                 for a in range(y - 2, y + 3) for b in range(x - 2, x + 3)
+                 if a >= 0 and b >= 0 and a + hh <= 112 and b + ww <= 112]
+        thumbs = torch.stack([_thumb(c[None])[0] for c in crops]).reshape(len(crops), 8, 8)
+        if variant >= len(grid):
+            thumbs = thumbs.flip(-1)
+        # a pool image close to one of those crops (as a copy is), elsewhere far from the rest
+        near = thumbs[int(rng.integers(len(crops)))].reshape(64).numpy() + rng.normal(0, 2, 64)
+        fp = np.clip(near, 0, 255).round().astype(np.uint8)
+        want = float(((thumbs.reshape(len(crops), 64) - torch.from_numpy(fp).float()) ** 2).mean(1).min().sqrt())
+        assert refine(fp, fine, variant) == pytest.approx(want, abs=1e-3)
+
+
+def test_index_built_from_mapped_parts_is_the_index_of_the_whole(tmp_path):
+    """EvalSide builds one index over every eval set's cache file, mapped: the same index as from one array."""
+    from safetensors.numpy import save_file
+
+    from noisystudent.pseudolabels.copies import _mapped
+
+    rng = np.random.default_rng(2)
+    ev = rng.integers(0, 256, (40, 6, 64), dtype=np.uint8)
+    for i, part in enumerate((ev[:15], ev[15:], ev[:0])):
+        save_file({"fine": np.zeros((len(part), 4), np.uint8), "variants": part}, tmp_path / f"{i}.safetensors")
+    parts = [_mapped(tmp_path / f"{i}.safetensors", "variants") for i in range(3)]
+    assert isinstance(parts[0], np.memmap) and (parts[1] == ev[15:]).all() and parts[2].shape == (0, 6, 64)
+    whole, mapped = EvalIndex.build(ev, list_size=16), EvalIndex.build(parts, list_size=16)
+    for a, b in zip((whole.thumbs, whole.key, whole.source, whole.starts), (mapped.thumbs, mapped.key, mapped.source,
+                                                                          mapped.starts), strict=True):
+        assert torch.equal(a, b)
 
 
 def _plant(digits_root, tmp_path, n: int = 10) -> tuple[str, list[str], list[str]]:
@@ -144,7 +196,10 @@ def test_pseudolabel_keeps_planted_copies_out_with_their_keys(teacher_copy, digi
     assert "kept out of the selection" in line and "`copy-" in line and "eval_copies.json" in line
     # the eval side was cached beside the run and is read back, not recomputed
     cache = sorted((teacher_copy / "eval_fingerprints").glob("*.safetensors"))
-    assert len(cache) == 1
+    assert len(cache) == 1 and sorted(p.name for p in (teacher_copy / "eval_fingerprints").iterdir()) == [cache[0].name]
+    with safe_open(str(cache[0]), framework="np") as f:  # written from spool files: the set's 539 images whole
+        assert f.get_slice("variants").get_shape() == [539, 200, 64] and f.get_tensor("shard").shape == (539,)
+        assert f.get_slice("fine").get_shape() == [539, 112, 112] and f.metadata() == {"set": "data.eval"}
     stamp = cache[0].stat().st_mtime_ns
     s2 = run(*args, f"data.unlabeled='{pattern}'", "force=true", "pseudolabel.eval_copies.exclude=false")
     assert cache[0].stat().st_mtime_ns == stamp

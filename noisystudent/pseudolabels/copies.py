@@ -5,8 +5,9 @@ The eval side (data.eval and every eval.sets) is read once: each image's crop va
 a cache beside the run (run_dir/eval_fingerprints/), one file per set, named by a digest of the set's shards (path,
 size, modification time) and of the fingerprint's version; a later step, round or rerun over the same shards reads it
 back. Matching runs on the main process over the label files one at a time (the pool side is 64 bytes per image, read
-file by file; the eval side's variants are held whole: 200 x (64 bytes, a 4-byte norm, an 8-byte owner, a 2-byte
-variant id), 15 KiB per eval image; its 112x112 fine canvases stay in the cache file, read for candidates only)."""
+file by file; the eval side's variants are indexed in memory (data/fingerprints.py: EvalIndex, 78 bytes per variant,
+15 KiB per eval image), built from the cache files mapped, not read; its 112x112 fine canvases stay in the cache file,
+read for candidates only)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save
 
 from ..data.fingerprints import CANON, FINE, EvalIndex, canvas, fine_canvas, match_refined, variant_count, variants
 from ..data.labels import LabelFile, _decode_strings, _encode_strings
 from ..data.shards import SampleDecoder
 from ..data.streams import ShardBatches, make_loader
 from ..errors import ConfigError
-from ..files import atomic_write_bytes
+from ..files import atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -95,29 +96,59 @@ def eval_variants(name: str, urls: list[str], cache_dir: Path, batch_size: int, 
     decoder = SampleDecoder(_both_canvases, None, labeled=False)
     loader = make_loader(ShardBatches(urls, decoder, batch_size), workers, len(urls), nice)
     at = {u: i for i, u in enumerate(urls)}
-    parts, fines, shard, keys = [], [], [], []
-    with torch.inference_mode():
-        for batch in loader:
-            if "error" in batch:
-                raise ConfigError(f"{name}: shard {batch['shard']} cannot be read ({batch['error']}), so pool images "
-                                  "cannot be checked against it: fix the shard, or set "
-                                  "pseudolabel.eval_copies.exclude=false and check by hand")
-            if not batch["keys"]:
-                continue
-            coarse, fine = _unpack(batch["images"])
-            parts.append(variants(coarse).numpy())
-            fines.append(fine)
-            shard += [at[batch["shard"]]] * len(batch["keys"])
-            keys += list(batch["keys"])
-    # C order: safetensors writes the raw buffer, whatever the strides
-    v = np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, variant_count(), 64), np.uint8)
-    fine = np.ascontiguousarray(np.concatenate(fines)) if fines else np.zeros((0, FINE, FINE), np.uint8)
-    kb, ko = _encode_strings(keys)
+    shard, keys = [], []
     cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({"variants": v, "fine": fine, "shard": np.array(shard, np.int32), "keys_utf8": kb,
-                                   "key_offsets": ko}, metadata={"set": name}))
-    log.info("%s: %d images fingerprinted (%d variants each) -> %s", name, len(keys), v.shape[1], path)
+    # the variants and fine canvases (25 KB an image) go to spool files batch by batch, not to memory: an eval
+    # side of 1M images would otherwise hold 25 GB until the end of the pass
+    spool = {n: cache_dir / f".{slug}.{n}.{os.getpid()}.spool" for n in ("variants", "fine")}
+    try:
+        with open(spool["variants"], "wb") as fv, open(spool["fine"], "wb") as ff, torch.inference_mode():
+            for batch in loader:
+                if "error" in batch:
+                    raise ConfigError(f"{name}: shard {batch['shard']} cannot be read ({batch['error']}), so pool "
+                                      "images cannot be checked against it: fix the shard, or set "
+                                      "pseudolabel.eval_copies.exclude=false and check by hand")
+                if not batch["keys"]:
+                    continue
+                coarse, fine = _unpack(batch["images"])
+                fv.write(np.ascontiguousarray(variants(coarse).numpy()).tobytes())
+                ff.write(np.ascontiguousarray(fine).tobytes())
+                shard += [at[batch["shard"]]] * len(batch["keys"])
+                keys += list(batch["keys"])
+        kb, ko = _encode_strings(keys)
+        n = len(keys)
+        _write_safetensors(path, [("variants", "U8", (n, variant_count(), 64), spool["variants"]),
+                                  ("fine", "U8", (n, FINE, FINE), spool["fine"]),
+                                  ("shard", "I32", (n,), np.array(shard, np.int32)),
+                                  ("keys_utf8", "U8", kb.shape, kb), ("key_offsets", "I64", ko.shape, ko)],
+                           {"set": name})
+    finally:
+        for f in spool.values():
+            f.unlink(missing_ok=True)
+    log.info("%s: %d images fingerprinted (%d variants each) -> %s", name, len(keys), variant_count(), path)
     return path, [urls[i] for i in shard], keys
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, str, tuple, Path | np.ndarray]], metadata: dict) -> None:
+    """A safetensors file from arrays and from spool files of raw bytes (copied in, never read whole): the format's
+    header (little-endian u64 length, JSON of dtype, shape and byte range per tensor, padded to 8 bytes), then the
+    tensors' bytes in that order. Written whole or not at all (atomic_write)."""
+    header, at = {"__metadata__": metadata}, 0
+    for name, dtype, shape, src in tensors:
+        size = src.stat().st_size if isinstance(src, Path) else src.nbytes
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + size]}
+        at += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with atomic_write(path, shared=True) as out:  # runs filling one cache at once: each file whole, the last wins
+        out.write(len(head).to_bytes(8, "little"))
+        out.write(head)
+        for _, _, _, src in tensors:
+            if isinstance(src, Path):
+                with open(src, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+            else:
+                out.write(np.ascontiguousarray(src).tobytes())
 
 
 @dataclass
@@ -141,13 +172,27 @@ class EvalSide:
         parts, owners, images, files = [], [], {}, []
         for name, urls in sets.items():
             path, shards, keys = eval_variants(name, urls, cache_dir, batch_size, workers, nice)
-            with safe_open(str(path), framework="np") as f:
-                parts.append(f.get_tensor("variants"))
+            parts.append(_mapped(path, "variants"))
             files.append((len(owners), path))
             owners += [(name, s, k) for s, k in zip(shards, keys, strict=True)]
             images[name] = len(keys)
-        v = np.concatenate(parts) if parts else np.zeros((0, 1, 64), np.uint8)
-        return cls(EvalIndex.build(v), owners, images, files)
+        return cls(EvalIndex.build(parts or np.zeros((0, 1, 64), np.uint8)), owners, images, files)
+
+
+def _mapped(path: Path, name: str) -> np.ndarray:
+    """A uint8 tensor of a safetensors file, mapped instead of read (the index is built from it slice by slice:
+    15 GiB of variants per 1M eval images are never in memory twice). The file is replaced only by a rename, so the
+    mapping stays whole while a concurrent run refills the cache."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(size))[name]
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if entry["dtype"] != "U8":
+        raise ValueError(f"{path}: {name} is {entry['dtype']}, not uint8: delete the file to make it again")
+    if end == begin:  # an empty set: nothing to map
+        return np.zeros(shape, np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size + begin, shape=shape)
 
 
 def find_copies(files: Iterable[LabelFile], side: EvalSide, max_rms: float) -> tuple[dict[str, np.ndarray], list]:
