@@ -4,7 +4,8 @@ and what finding them costs (data/fingerprints.py; docs/pseudolabels.md#copies-o
     apt-get install dataset-fashion-mnist
     python benchmarks/bench_copies.py choose        # max_rms from copies of *training* images (never the test set)
     python benchmarks/bench_copies.py recall        # copies of 1% of the test images, planted into the train pool
-    python benchmarks/bench_copies.py cost          # fingerprint cost next to labeling; matching time and memory
+    python benchmarks/bench_copies.py cost          # the fingerprint's cost next to labeling
+    python benchmarks/bench_copies.py match         # matching time and memory per 1M pool images, eval 10k-1M
     python benchmarks/bench_copies.py photos        # eval images larger than the 28 px canvas (natural photos)
 
 A copy is made as a web page would re-post an image: cropped by 0-10% of each side at a random place, resized to
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_accuracy import SRC, read_idx  # noqa: E402
 
 from noisystudent.data.fingerprints import (
+    LIST_SIZE,
     EvalIndex,
     canvas,
     fine_canvas,
@@ -39,7 +40,7 @@ from noisystudent.data.fingerprints import (
     refine,
     variants,
 )
-from noisystudent.pseudolabels.copies import LOOSE  # noqa: E402
+from noisystudent.pseudolabels.copies import LOOSE, MAX_RMS  # noqa: E402
 
 
 def load() -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +181,7 @@ def sheet(train, test, hits, pf, pd, out: Path, cols: int = 12) -> None:
 
 def cmd_cost(args) -> None:
     """The fingerprint's cost in the labeling loop (per image, on this CPU, next to a forward pass of the same
-    batch), and matching time and memory per pool image against eval sets of several sizes."""
+    batch)."""
     import timm
     from sklearn.datasets import load_sample_image
 
@@ -215,27 +216,108 @@ def cmd_cost(args) -> None:
               f"{1e3 * t_fp:.3f} ms/image (+{100 * t_fp / t_decode:.1f}% of the worker's work); {model_name} forward "
               f"{1e3 * t_model:.2f} ms/image: fingerprint = {100 * t_fp / (t_decode + t_model):.2f}% of decode + model "
               f"on one core")
+
+
+def synthetic(images: np.ndarray, first: int, n: int) -> list[np.ndarray]:
+    """Eval images n beyond a data set's own: image i is data set image i % len(images), moved by up to 3 px,
+    scaled by 0.9-1.1, turned by up to 10 degrees, its brightness and contrast changed by up to 20%, mirrored half
+    the time (seeded by i): distinct images of the data set's kind, as a larger eval set of it would hold."""
+    out = []
+    for i in range(first, first + n):
+        rng = np.random.default_rng(i)
+        im = Image.fromarray(images[i % len(images)])
+        im = im.rotate(float(rng.uniform(-10, 10)), Image.BILINEAR, translate=tuple(rng.integers(-3, 4, 2).tolist()))
+        side = round(28 * float(rng.uniform(0.9, 1.1)))
+        im = im.resize((side, side), Image.BILINEAR).resize((28, 28), Image.BILINEAR)
+        a = np.asarray(im, np.float32) * float(rng.uniform(0.8, 1.2)) + float(rng.uniform(-20, 20))
+        a = np.clip(a, 0, 255).astype(np.uint8)
+        out.append(a[:, ::-1] if rng.random() < 0.5 else a)
+    return out
+
+
+def eval_image(train: np.ndarray, row: int) -> np.ndarray:
+    return train[row] if row < len(train) else synthetic(train, row, 1)[0]
+
+
+class AnonPeak:
+    """The peak of this process's anonymous memory (RssAnon), sampled every 50 ms: what the index holds, without the
+    pages of a mapped file (clean, given back to the page cache when memory is short)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self):
+        self.base = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def write_variants(train: np.ndarray, n_eval: int, path: Path) -> None:
+    """The eval pass of an eval side of n_eval images (the data set's own, then `synthetic` ones), in batches
+    straight into a .npy file (renamed into place when whole)."""
+    t0 = time.time()
+    tmp = path.with_suffix(".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n_eval, 200, 64))
+    for a in range(0, n_eval, 4096):
+        b = min(a + 4096, n_eval)
+        own = list(train[a:min(b, len(train))])
+        more = synthetic(train, max(a, len(train)), b - max(a, len(train))) if b > len(train) else []
+        out[a:b] = eval_variants(own + more)
+    out.flush()
+    del out
+    tmp.rename(path)
+    print(f"eval {n_eval:,}: variants in {time.time() - t0:.0f} s ({(time.time() - t0) / n_eval * 1e3:.2f} ms per "
+          "image)", flush=True)
+
+
+def cmd_match(args) -> None:
+    """Matching time and memory per pool image against eval sides of several sizes: each side's variants written to
+    a file first (as stage=pseudolabel caches them), the index built from the file mapped, then args.pool test
+    images matched, with the fine search where one lands close."""
+    torch.set_num_threads(args.threads)
     train, test = load()
     pool = fingerprints(test[:args.pool])  # a pool of other images than the eval side's
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     for n_eval in args.eval_sizes:
-        reps = -(-n_eval // len(train))
-        # eval sides larger than one data set: the train images again, each pixel nudged so no two are alike
-        ev = np.concatenate([train] * reps)[:n_eval]
-        var = eval_variants(ev)
-        if reps > 1:
-            rng = np.random.default_rng(0)
-            var = np.clip(var.astype(np.int16) + rng.integers(-3, 4, var.shape), 0, 255).astype(np.uint8)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        index = EvalIndex.build(var)
-        del var
-        fine = fines(ev)
-        t0 = time.time()
-        _, _, refined = match_refined(pool, index, fine.__getitem__, args.max_rms, LOOSE * args.max_rms)
-        dt = time.time() - t0
-        print(f"eval {n_eval:,} images ({index.thumbs.shape[0]:,} variants, index {index.nbytes / 2**20:,.0f} MiB, "
-              f"peak RSS +{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**10:,.0f} MiB): "
-              f"{len(pool):,} pool images in {dt:.1f} s ({refined.sum()} matched by the fine search) = "
-              f"{dt / len(pool) * 1e6 / 3600:.2f} h per 1M pool images")
+        path = Path(args.work) / f"variants-{n_eval}.npy"
+        if not path.exists():
+            write_variants(train, n_eval, path)
+        with AnonPeak() as mem:
+            t0 = time.time()
+            index = EvalIndex.build([np.load(path, mmap_mode="r")], list_size=args.list_size)
+            t_build = time.time() - t0
+            built = AnonPeak.now() - mem.base
+            stats: dict = {}
+            t0 = time.time()
+            found, _, refined = match_refined(pool, index, lambda r: fine_canvas(pil(eval_image(train, r))),
+                                              args.max_rms, LOOSE * args.max_rms, stats=stats)
+            dt = time.time() - t0
+        share = stats.get("pairs", 0) / (len(pool) * len(index.key))
+        print(f"eval {n_eval:,} images ({len(index.key):,} variants in {len(index.centroids):,} lists): build "
+              f"{t_build:.0f} s, index {index.nbytes / 2**30:.2f} GiB (anonymous memory after it +{built / 2**30:.2f} "
+              f"GiB, peak while building and matching +{(mem.peak - mem.base) / 2**30:.2f} GiB); {len(pool):,} pool "
+              f"images in {dt:.1f} s = {dt / len(pool) * 1e6 / 3600:.2f} h per 1M pool images on {args.threads} "
+              f"thread(s); distances computed: {100 * share:.3f}% of pool x variants; {(found >= 0).sum()} matched "
+              f"({refined.sum()} by the fine search)", flush=True)
         del index
 
 
@@ -300,17 +382,23 @@ def main() -> None:
     r.add_argument("--seeds", type=int, default=10, help="independent plantings of 1%% of the test images")
     r.add_argument("--sheet", default=None, help="a PNG of the clean pool images that matched")
     c = sub.add_parser("cost")
-    c.add_argument("--max-rms", type=float, default=4.6)
     c.add_argument("--threads", type=int, default=1)
-    c.add_argument("--eval-sizes", type=int, nargs="+", default=[10000, 50000])
-    c.add_argument("--pool", type=int, default=10000, help="pool images matched (the time is per 1M, linear)")
+    m = sub.add_parser("match")
+    m.add_argument("--max-rms", type=float, default=MAX_RMS)
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--eval-sizes", type=int, nargs="+", default=[10000, 50000, 1000000])
+    m.add_argument("--pool", type=int, default=10000, help="pool images matched (the time is per 1M, linear)")
+    m.add_argument("--list-size", type=int, default=LIST_SIZE)
+    m.add_argument("--work", default="/tmp/bench_copies", help="where each eval side's variants are written (12.8 GB "
+                   "for 1M eval images; made once, reused)")
     p = sub.add_parser("photos")
     p.add_argument("--tile", type=int, default=96)
     p.add_argument("--copies", type=int, default=500)
     p.add_argument("--distinct", type=int, default=40, help="tiles checked against the others")
     p.add_argument("--max-rms", type=float, default=4.6)
     args = ap.parse_args()
-    {"choose": cmd_choose, "recall": cmd_recall, "cost": cmd_cost, "photos": cmd_photos}[args.cmd](args)
+    commands = {"choose": cmd_choose, "recall": cmd_recall, "cost": cmd_cost, "match": cmd_match, "photos": cmd_photos}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
