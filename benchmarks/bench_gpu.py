@@ -94,6 +94,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -313,6 +314,48 @@ def index_pass(b: Bench, run_dirs: list[Path]) -> dict:
     images = sum(records.count(u) for u in urls)
     return {"images": images, "shards": len(urls), "workers": b.workers, "wall_s": wall,
             "images_per_sec": images / wall}
+
+
+def copy_search(device: torch.device, eval_images: int, pool_images: int) -> dict:
+    """The search for copies of eval images (data/fingerprints.py) on the device, once before the timed runs:
+    eval_images smooth random 28x28 images (their 200 variants each, made on the device), and a pool of
+    pool_images fingerprints of which 1% are noisy copies of eval variants. Its own figures: variants, index
+    build, matching per 1M pool images, and the copies found (a check that the search ran as it should)."""
+    from noisystudent.data.fingerprints import EvalIndex, match, variants
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def smooth(n: int) -> torch.Tensor:  # uint8 (n, 1, 28, 28): 7x7 noise, upsampled (images with structure)
+        coarse = torch.rand(n, 1, 7, 7, generator=g) * 255
+        return F.interpolate(coarse, size=(28, 28), mode="bilinear", align_corners=False).round().to(torch.uint8)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    parts = [variants(smooth(min(4096, eval_images - a)).to(device)).cpu().numpy() for a in range(0, eval_images,
+                                                                                                     4096)]
+    _sync(device)
+    t_variants = time.perf_counter() - t0
+    ev = np.concatenate(parts)
+    t0 = time.perf_counter()
+    index = EvalIndex.build(ev, device)
+    _sync(device)
+    t_build = time.perf_counter() - t0
+    planted = pool_images // 100
+    pool = variants(smooth(max(1, pool_images // 200))).reshape(-1, 64)[:pool_images - planted].numpy()
+    src = torch.randint(0, eval_images, (planted,), generator=g).numpy()
+    noisy = ev[src, torch.randint(0, ev.shape[1], (planted,), generator=g).numpy()].astype(np.int16)
+    noisy = np.clip(noisy + torch.randint(-3, 4, noisy.shape, generator=g).numpy(), 0, 255).astype(np.uint8)
+    pool = np.concatenate([pool, noisy])
+    stats: dict = {}
+    t0 = time.perf_counter()
+    found, _, _ = match(pool, index, 3.8, stats=stats)
+    _sync(device)
+    t_match = time.perf_counter() - t0
+    return {"eval_images": eval_images, "pool_images": len(pool), "variants_s": t_variants, "build_s": t_build,
+            "index_gib": index.nbytes / 2**30, "match_s": t_match,
+            "hours_per_1m_pool": t_match / len(pool) * 1e6 / 3600,
+            "pairs_share": stats.get("pairs", 0) / max(1, len(pool) * len(index.key)),
+            "planted": planted, "planted_found": int((found[len(pool) - planted:] == src).sum())}
 
 
 def steady(a: tuple[float, float], b: tuple[float, float]) -> float | None:
@@ -675,7 +718,13 @@ def parse_args():
                     "(a run's end foreseen from that method's last run, else the mean run so far)")
     ap.add_argument("--workdir", help="keep data and runs here (reused when there), instead of a temporary dir")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--copies-eval", type=int, help="eval images of the copy search's one-off measurement (0: skip "
+                    "it; full: 50,000, quick: 500)")
+    ap.add_argument("--copies-pool", type=int, help="pool images it matches (full: 200,000, quick: 2,000)")
     args = ap.parse_args()
+    quick = args.quick
+    args.copies_eval = (500 if quick else 50_000) if args.copies_eval is None else args.copies_eval
+    args.copies_pool = (2_000 if quick else 200_000) if args.copies_pool is None else args.copies_pool
     # the methods run in the work dir: a script path given relative to here must still be found there
     args.timm_inference, args.timm_train = (os.path.abspath(p) if p else p for p in (args.timm_inference,
                                                                                      args.timm_train))
@@ -690,7 +739,7 @@ def setup(args) -> Bench:
     workers = args.workers or (2 if args.quick else len(os.sched_getaffinity(0)))
     batch, steps = args.batch or p["batch"], args.steps or p["steps"]
     # labeling: one shard per worker in the shorter run, two in the longer (at most: fewer workers in a sweep)
-    shards = 2 * max(workers, *args.sweep_workers)
+    shards = 2 * max([workers, *args.sweep_workers])  # a list: max() of one int alone is a TypeError
     images = max(1, (args.images or p["images"]) // (shards * batch)) * shards * batch
     if images < steps * batch // 2:
         sys.exit(f"--images {images} < --steps x --batch / 2: the student's epoch (one pass over the "
@@ -750,6 +799,15 @@ def main():
               f"{index['wall_s']:.1f} s with {index['workers']} worker processes "
               f"({_fmt(index['images_per_sec'])} images/s)",
               flush=True)
+
+    copies = None
+    if args.copies_eval:
+        copies = copy_search(b.device, args.copies_eval, args.copies_pool)
+        print(f"copy search on {b.device.type}, before the timed runs: {copies['eval_images']:,} eval images' variants "
+              f"in {copies['variants_s']:.1f} s, index built in {copies['build_s']:.1f} s ({copies['index_gib']:.2f} "
+              f"GiB), {copies['pool_images']:,} pool images matched in {copies['match_s']:.1f} s = "
+              f"{copies['hours_per_1m_pool']:.3f} h per 1M pool images; planted copies found "
+              f"{copies['planted_found']}/{copies['planted']}", flush=True)
 
     runs: dict[str, list[dict]] = {k: [] for k in methods}
     t_loop = time.time()
@@ -812,7 +870,8 @@ def main():
         sweep = {row: {n: med.get(sweep_key(row, n, b.workers)) for n in args.sweep_workers} for row in SWEEP_ROWS}
         result = {**env, "settings": {**settings, "repeats_done": len(next(iter(runs.values()), []))},
                   "median_images_per_sec": med, "runs": runs, "skipped": skipped, "goals": checks,
-                  "index_pass": index, "sweep_images_per_sec": sweep, "wall_s": time.time() - t_start}
+                  "index_pass": index, "copy_search": copies, "sweep_images_per_sec": sweep,
+                  "wall_s": time.time() - t_start}
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))
 
 

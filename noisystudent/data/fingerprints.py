@@ -295,8 +295,8 @@ def match(pool: np.ndarray, index: EvalIndex, max_rms: float, block: int = 128, 
             ii, jj = ((dq + reach >= near[None, c0:c1]) & (dq - reach <= far[None, c0:c1])).nonzero(as_tuple=True)
             pairs.append((ii, jj + c0, dq[ii, jj].double()))
         i, j, dij = (torch.cat(t) for t in zip(*pairs, strict=True))
-        lo = torch.maximum(torch.searchsorted(index.key, j * BIG + dij - reach), lo_list[j])
-        hi = torch.minimum(torch.searchsorted(index.key, j * BIG + dij + reach, right=True), hi_list[j])
+        lo = torch.maximum(torch.searchsorted(index.key, j.double() * BIG + dij - reach), lo_list[j])
+        hi = torch.minimum(torch.searchsorted(index.key, j.double() * BIG + dij + reach, right=True), hi_list[j])
         keep = lo < hi
         i, j, dij, lo, hi = i[keep], j[keep], dij[keep], lo[keep], hi[keep]
         order = torch.argsort(j.double() * BIG + dij)  # by list, then by the image's distance: bands overlap most
