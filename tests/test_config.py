@@ -36,11 +36,14 @@ def test_presets_carry_the_published_values():
 
 def test_a_recipe_is_opt_in_and_the_command_line_wins_over_it():
     plain, small = make_cfg(), make_cfg("recipe=small")
-    assert (plain.student.model, plain.student.randaugment) == (None, "rand-n2-m27-mmax27")
-    assert (small.student.model, small.student.randaugment) == ("test_resnet", "rand-n2-m9-mmax27")
-    # only those two keys move; no `recipe` key lands in the config (step settings hashes stay as they were)
+    assert (plain.student.model, plain.student.randaugment, plain.student.init) == (
+        None, "rand-n2-m27-mmax27", "scratch")
+    assert (small.student.model, small.student.randaugment, small.student.init) == (
+        "test_resnet", "rand-n2-m9-mmax27", "teacher_if_same")
+    # only those three keys move; no `recipe` key lands in the config (step settings hashes stay as they were)
     assert "recipe" not in small
-    assert {**small.student, "model": None, "randaugment": plain.student.randaugment} == dict(plain.student)
+    assert {**small.student, "model": None, "randaugment": plain.student.randaugment,
+            "init": plain.student.init} == dict(plain.student)
     assert make_cfg("recipe=small", "student.model=test_efficientnet").student.model == "test_efficientnet"
 
 
@@ -156,12 +159,13 @@ def test_student_init_teacher_if_same_resolves_per_round_and_keeps_finished_roun
             student.settings(cfg)  # refuses it
         return student.resolved_init(cfg, int(cfg.round)), settings_hash(student.reads(cfg))
 
-    # recipe=small: round 1's student (test_resnet) is not its teacher's model (test_efficientnet); round 2's is
-    scratch1, h1 = resolved("recipe=small", "round=1")
+    # recipe=small (whose default it is): round 1's student (test_resnet) is not its teacher's model
+    # (test_efficientnet), so round 1 is the paper's scratch student, settings hash included; round 2's is
+    scratch1, h1 = resolved("recipe=small", "round=1", "student.init=scratch")
     assert scratch1 == "scratch"
-    assert resolved("recipe=small", "round=1", "student.init=teacher_if_same") == (scratch1, h1)
-    init2, h2 = resolved("recipe=small", "round=2", "student.init=teacher_if_same")
-    assert init2 == "teacher" and h2 != resolved("recipe=small", "round=2")[1]
+    assert resolved("recipe=small", "round=1") == (scratch1, h1)
+    init2, h2 = resolved("recipe=small", "round=2")
+    assert init2 == "teacher" and h2 != resolved("recipe=small", "round=2", "student.init=scratch")[1]
     assert h2 == resolved("recipe=small", "round=2", "student.init=teacher")[1]
     # the defaults' student is the teacher's model in every round
     assert resolved("round=1", "student.init=teacher_if_same")[0] == "teacher"

@@ -87,6 +87,8 @@ def test_recipe_small_gives_the_larger_student_and_milder_noise(labeled_run, dig
     # the student takes the teacher preset's resolution and noise; only RandAugment's magnitude drops
     assert s["noise"] == {"randaugment": "rand-n2-m9-mmax27", "drop_rate": 0.2, "drop_path_rate": 0.1}
     assert s["model"]["img_size"] == 32
+    # round 1's student is larger than its teacher: teacher_if_same (the recipe's) starts it from scratch
+    assert s["init"] == "scratch"
     # the command line still wins over the recipe
     s = _student(d, digits_root, "recipe=small", "student.randaugment=rand-n1-m5", "max_steps=2", "force=true")
     assert s["noise"]["randaugment"] == "rand-n1-m5" and s["model"]["name"] == "test_resnet"
