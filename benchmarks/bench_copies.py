@@ -38,6 +38,7 @@ from noisystudent.data.fingerprints import (
     match,
     match_refined,
     refine,
+    variant_count,
     variants,
 )
 from noisystudent.pseudolabels.copies import LOOSE, MAX_RMS  # noqa: E402
@@ -276,7 +277,7 @@ def write_variants(train: np.ndarray, n_eval: int, path: Path) -> None:
     straight into a .npy file (renamed into place when whole)."""
     t0 = time.time()
     tmp = path.with_suffix(".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n_eval, 200, 64))
+    out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n_eval, variant_count(), 64))
     for a in range(0, n_eval, 4096):
         b = min(a + 4096, n_eval)
         own = list(train[a:min(b, len(train))])

@@ -322,6 +322,7 @@ def copy_search(device: torch.device, eval_images: int, pool_images: int) -> dic
     pool_images fingerprints of which 1% are noisy copies of eval variants. Its own figures: variants, index
     build, matching per 1M pool images, and the copies found (a check that the search ran as it should)."""
     from noisystudent.data.fingerprints import EvalIndex, match, variants
+    from noisystudent.pseudolabels.copies import MAX_RMS
 
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -348,7 +349,7 @@ def copy_search(device: torch.device, eval_images: int, pool_images: int) -> dic
     pool = np.concatenate([pool, noisy])
     stats: dict = {}
     t0 = time.perf_counter()
-    found, _, _ = match(pool, index, 3.8, stats=stats)
+    found, _, _ = match(pool, index, MAX_RMS, stats=stats)
     _sync(device)
     t_match = time.perf_counter() - t0
     return {"eval_images": eval_images, "pool_images": len(pool), "variants_s": t_variants, "build_s": t_build,

@@ -5,7 +5,7 @@ The eval side (data.eval and every eval.sets) is read once: each image's crop va
 a cache beside the run (run_dir/eval_fingerprints/), one file per set, named by a digest of the set's shards (path,
 size, modification time) and of the fingerprint's version; a later step, round or rerun over the same shards reads it
 back. Matching runs on the main process over the label files one at a time (the pool side is 64 bytes per image, read
-file by file; the eval side's variants are indexed in memory (data/fingerprints.py: EvalIndex, 78 bytes per variant,
+file by file; the eval side's variants are indexed in memory (data/fingerprints.py: EvalIndex, 76 bytes per variant,
 15 KiB per eval image), built from the cache files mapped, not read; its 112x112 fine canvases stay in the cache file,
 read for candidates only)."""
 
@@ -181,7 +181,7 @@ class EvalSide:
 
 def _mapped(path: Path, name: str) -> np.ndarray:
     """A uint8 tensor of a safetensors file, mapped instead of read (the index is built from it slice by slice:
-    15 GiB of variants per 1M eval images are never in memory twice). The file is replaced only by a rename, so the
+    12 GiB of variants per 1M eval images are never in memory twice). The file is replaced only by a rename, so the
     mapping stays whole while a concurrent run refills the cache."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
